@@ -1,0 +1,130 @@
+"""Reading PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors) and checking them."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+from engine.config import ModelConfig
+from engine.errors import AdapterLoadError
+
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+@dataclass
+class LoRAAdapter:
+    """One adapter's weights: per layer and module, A [r, in], B [out, r] and the scale alpha/r."""
+
+    name: str
+    path: str
+    rank: int  # the largest rank among its modules
+    modules: tuple[str, ...]
+    # weights[layer][module] = (A, B, scale)
+    weights: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
+                   for layer in self.weights for a, b, _ in layer.values())
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "LoRAAdapter":
+        weights = [{m: (a.to(device, dtype), b.to(device, dtype), s) for m, (a, b, s) in layer.items()}
+                   for layer in self.weights]
+        return LoRAAdapter(self.name, self.path, self.rank, self.modules, weights)
+
+
+def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int) -> LoRAAdapter:
+    """Load and validate a PEFT adapter directory. Raises AdapterLoadError saying what is wrong."""
+    def fail(message: str) -> AdapterLoadError:
+        return AdapterLoadError(f"LoRA adapter '{name}' ({path}): {message}")
+
+    config_path = os.path.join(path, "adapter_config.json")
+    weights_path = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(config_path):
+        raise fail("adapter_config.json is missing")
+    if not os.path.isfile(weights_path):
+        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
+            raise fail("only adapter_model.bin (pickle) found; multilora loads safetensors only "
+                       "(save the adapter with safe_serialization=True)")
+        raise fail("adapter_model.safetensors is missing")
+    try:
+        with open(config_path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise fail(f"adapter_config.json is not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise fail("adapter_config.json must hold a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise fail(f"peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    if cfg.get("use_dora"):
+        raise fail("DoRA adapters (use_dora) are not supported")
+    if cfg.get("modules_to_save"):
+        raise fail(f"modules_to_save {cfg['modules_to_save']} is not supported (only LoRA on linear layers)")
+    if cfg.get("fan_in_fan_out"):
+        raise fail("fan_in_fan_out adapters are not supported")
+    try:
+        default_rank = int(cfg.get("r", 8))
+        default_alpha = float(cfg.get("lora_alpha", default_rank))
+    except (TypeError, ValueError) as e:
+        raise fail(f"bad r or lora_alpha ({e})") from e
+    use_rslora = bool(cfg.get("use_rslora", False))
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+
+    shapes = model.projection_shapes()
+    raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(weights_path, framework="pt") as f:
+            for key in f.keys():
+                m = _KEY.match(key)
+                if m is None:
+                    raise fail(f"tensor {key!r} is not a LoRA A/B weight of "
+                               f"{', '.join(LORA_MODULES)} (embed_tokens, lm_head, biases and "
+                               "other modules are not supported)")
+                layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+                if module not in shapes:
+                    raise fail(f"module {module!r} is not supported; supported: {', '.join(LORA_MODULES)}")
+                if layer >= model.num_layers:
+                    raise fail(f"tensor {key!r} names layer {layer}, the base model has {model.num_layers}")
+                raw.setdefault((layer, module), {})[which] = f.get_tensor(key)
+    except AdapterLoadError:
+        raise
+    except Exception as e:
+        raise fail(f"cannot read adapter_model.safetensors ({e})") from e
+    if not raw:
+        raise fail("adapter_model.safetensors holds no LoRA weights")
+
+    weights: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = [{} for _ in range(model.num_layers)]
+    max_rank = 0
+    for (layer, module), pair in sorted(raw.items()):
+        if set(pair) != {"A", "B"}:
+            raise fail(f"layer {layer} {module}: lora_A and lora_B must both be present")
+        a, b = pair["A"].float(), pair["B"].float()
+        n_in, n_out = shapes[module]
+        rank = a.shape[0]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != n_in or tuple(b.shape) != (n_out, rank):
+            raise fail(f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
+                       f"match the base model (expected ({rank}, {n_in}) and ({n_out}, {rank}))")
+        if rank > max_lora_rank:
+            raise fail(f"rank {rank} exceeds max_lora_rank={max_lora_rank} (raise max_lora_rank in engine.json)")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise fail(f"layer {layer} {module}: weights contain NaN or Inf")
+        alpha = _alpha_for(f"model.layers.{layer}.{module}", alpha_pattern, default_alpha)
+        scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        weights[layer][module] = (a, b, scale)
+        max_rank = max(max_rank, rank)
+    modules = tuple(m for m in LORA_MODULES if any(m in layer for layer in weights))
+    return LoRAAdapter(name=name, path=path, rank=max_rank, modules=modules, weights=weights)
+
+
+def _alpha_for(module_name: str, alpha_pattern: dict[str, float], default: float) -> float:
+    # PEFT matches pattern keys against the end of the module's dotted name.
+    for pattern, alpha in alpha_pattern.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return float(alpha)
+    return default

@@ -1,0 +1,152 @@
+"""The engine on its own thread, for the Triton model: add requests, receive deltas, abort."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from typing import Any, Callable
+
+from engine.config import EngineConfig
+from engine.errors import EngineError, EngineOverloadedError
+from engine.llm_engine import EngineStats, LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("multilora")
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+class AsyncEngine:
+    """Runs LLMEngine's loop on a background thread.
+
+    ``add_request`` validates in the caller's thread (raising EngineError subclasses at once),
+    then the loop thread owns the request. ``on_output`` is called from the loop thread with
+    each delta and must not block (put it on a queue).
+    """
+
+    def __init__(self, config: EngineConfig, adapters: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.adapters = dict(adapters or {})
+        self.engine: LLMEngine | None = None
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._callbacks: dict[str, OutputCallback] = {}
+        self._stats = EngineStats()
+        self._stats_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_files(cls, engine_json: str, multi_lora_json: str | None = None,
+                   overrides: dict[str, Any] | None = None) -> "AsyncEngine":
+        """engine.json (+ overrides) and a multi_lora.json of {name: path}; relative paths are
+        resolved against the directory of the file that holds them."""
+        config = EngineConfig.from_json(engine_json, overrides)
+        adapters: dict[str, str] = {}
+        if multi_lora_json and os.path.isfile(multi_lora_json):
+            with open(multi_lora_json) as f:
+                raw = json.load(f)
+            if not isinstance(raw, dict):
+                raise ValueError(f"{multi_lora_json}: expected a JSON object of {{adapter name: path}}")
+            base = os.path.dirname(os.path.abspath(multi_lora_json))
+            adapters = {name: os.path.normpath(os.path.join(base, path)) for name, path in raw.items()}
+        return cls(config, adapters)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the model (raising if it cannot) and start the loop thread."""
+        self.engine = LLMEngine(self.config, self.adapters)
+        self._publish_stats()
+        self._thread = threading.Thread(target=self._loop, name="multilora-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # --- requests -------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
+                    params: SamplingParams, lora_name: str | None, on_output: OutputCallback) -> None:
+        seq = self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, lora_name)
+        if self.stats().num_waiting + self._commands.qsize() >= self.config.max_waiting_requests:
+            self.engine.release(seq)
+            raise EngineOverloadedError(
+                f"{self.config.max_waiting_requests} requests are already waiting (max_waiting_requests); "
+                "try again later")
+        self._commands.put(("add", (seq, on_output)))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        with self._stats_lock:
+            return EngineStats(**vars(self._stats))
+
+    # --- the loop thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            block = not engine.has_work()
+            try:
+                command = self._commands.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                command = None
+            while command is not None:
+                self._handle(command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if engine.has_work():
+                try:
+                    outputs = engine.step()
+                except Exception as e:  # a failed step must not leave requests hanging
+                    logger.exception("[multilora] engine step failed")
+                    outputs = engine.fail_all(EngineError(f"internal engine error: {e}"))
+                for out in outputs:
+                    self._emit(out)
+            self._publish_stats()
+        for out in engine.fail_all(EngineError("the engine is shutting down")):
+            self._emit(out)
+
+    def _handle(self, command: tuple[str, Any]) -> None:
+        kind, arg = command
+        if kind == "add":
+            seq, callback = arg
+            try:
+                self.engine.add(seq)
+            except EngineError as e:
+                callback(RequestOutput(request_id=seq.request_id, finished=True, finish_reason="error", error=e))
+                return
+            self._callbacks[seq.request_id] = callback
+        elif kind == "abort":
+            out = self.engine.abort(arg)
+            if out is not None:
+                self._emit(out)
+
+    def _emit(self, out: RequestOutput) -> None:
+        callback = self._callbacks.get(out.request_id)
+        if out.finished:
+            self._callbacks.pop(out.request_id, None)
+        if callback is not None:
+            try:
+                callback(out)
+            except Exception:
+                logger.exception("[multilora] output callback failed for request %s", out.request_id)
+
+    def _publish_stats(self) -> None:
+        stats = self.engine.get_stats()
+        with self._stats_lock:
+            self._stats = stats

@@ -1,0 +1,32 @@
+"""Errors the engine raises for a request. The Triton model maps each to a Triton error code."""
+
+
+class EngineError(Exception):
+    """Base class of request errors raised by the engine."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """The request itself is wrong (bad parameter, prompt too long, ...). Triton: INVALID_ARG."""
+
+
+class AdapterNotFoundError(EngineError, LookupError):
+    """The request names an adapter the engine does not know. Triton: NOT_FOUND."""
+
+
+class AdapterLoadError(EngineError, ValueError):
+    """An adapter exists but its files are unusable (bad shapes, rank too large, pickle, NaN...).
+
+    Triton: INVALID_ARG (the adapter named by the request cannot be served).
+    """
+
+
+class EngineOverloadedError(EngineError):
+    """The waiting queue is full. Triton: UNAVAILABLE."""
+
+
+class RequestAbortedError(EngineError):
+    """The request was aborted before it finished. Triton: CANCELLED."""
+
+
+class CheckpointError(ValueError):
+    """A base-model checkpoint is malformed or of an unsupported architecture."""

@@ -1,0 +1,424 @@
+"""Start Triton Inference Server (the binary of the ``nvidia-pytriton`` wheel) on a model repository.
+
+Console script ``multilora-serve`` (also ``python -m engine.launcher``), and ``TritonServer``, a
+context manager that tests and benchmarks use to start servers the same way.
+
+What it does (see the Triton recipe in the project's toolchain notes):
+1. makes a backend directory ``B/python/`` in a temporary directory, holding copies of
+   ``libtriton_python.so`` and ``triton_python_backend_utils.py`` and a *symbolic link*
+   ``triton_python_backend_stub`` to the stub of the running Python's X.Y (a copy would not find
+   its CUDA runtime, which it locates relative to its real path);
+2. starts ``tritonserver`` with the running virtual environment's ``bin`` first on PATH: the stub
+   takes its packages from the venv of the first ``python3`` on PATH and ignores PYTHONPATH;
+3. polls ``/v2/health/ready`` until the server (and so every model) is ready.
+
+Engine overrides (``--engine-arg KEY=VALUE``) reach the model through the environment variable
+``MULTILORA_ENGINE_ARGS``: a JSON object that ``model.py`` lays over ``engine.json``. A VALUE is
+parsed as JSON when it parses (``8``, ``true``, ``["a","b"]``), else kept as a string; a string
+naming an existing file or directory relative to the current directory is made absolute.
+
+This module never imports torch or the engine: starting a server must stay cheap.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import collections
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+ENGINE_ARGS_ENV = "MULTILORA_ENGINE_ARGS"
+DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+_LOG_TAIL_LINES = 200
+_running_servers: "set[TritonServer]" = set()
+
+
+class TritonServerError(RuntimeError):
+    """tritonserver could not be started, died, or did not become ready. The message ends with
+    the tail of its log."""
+
+
+def find_pytriton_dir() -> Path:
+    """Directory of the installed ``pytriton`` package (not imported: only its files are used)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise TritonServerError(
+            "package 'nvidia-pytriton' is not installed in this Python "
+            f"({sys.executable}); install it with: pip install 'nvidia-pytriton==0.7.0'")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def tritonserver_binary() -> Path:
+    binary = find_pytriton_dir() / "tritonserver" / "bin" / "tritonserver"
+    if not binary.is_file():
+        raise TritonServerError(f"tritonserver binary not found at {binary}")
+    return binary
+
+
+def make_backend_dir(parent: Path, python_version: str | None = None) -> Path:
+    """Build ``parent/backends/python/`` for ``--backend-directory`` and return ``parent/backends``.
+
+    ``python_version`` is "X.Y" (default: the running interpreter's); the stub links that
+    version's system libpython.
+    """
+    version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
+    server_dir = find_pytriton_dir() / "tritonserver"
+    stub = server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        available = sorted(p.name for p in (server_dir / "python_backend_stubs").iterdir())
+        raise TritonServerError(
+            f"no Python backend stub for Python {version} in {stub.parent.parent}; "
+            f"stubs exist for {available}")
+    backends = parent / "backends"
+    python_dir = backends / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy2(server_dir / "backends" / "python" / name, python_dir / name)
+    link = python_dir / "triton_python_backend_stub"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(stub.resolve())
+    return backends
+
+
+def pick_free_port(host: str = "127.0.0.1", exclude: Sequence[int] = ()) -> int:
+    """A TCP port that is free on ``host`` now (the OS picks it; nothing holds it afterwards)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in exclude:
+            return port
+    raise TritonServerError(f"could not find a free port on {host}")
+
+
+def parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` -> dict. Values are JSON when they parse, else strings; a string
+    naming an existing path (relative to the current directory) is made absolute."""
+    result: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--engine-arg expects KEY=VALUE, got {item!r}")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        if isinstance(value, str) and value and os.path.exists(value):
+            value = os.path.abspath(value)
+        result[key] = value
+    return result
+
+
+class TritonServer:
+    """One tritonserver process on a model repository.
+
+    Use as a context manager (``with TritonServer(repo, http_port=None) as server:``) or call
+    ``start()`` / ``stop()``. A port given as ``None`` or 0 is picked free on ``host``.
+    ``engine_args`` reach the model as the JSON environment variable ``MULTILORA_ENGINE_ARGS``.
+    The server's output is kept (the last lines are in ``log_tail()``), written to ``log_file``
+    when given, and echoed to stderr when ``echo`` is true.
+    """
+
+    def __init__(
+        self,
+        model_repository: str | os.PathLike | None = None,
+        *,
+        host: str = "0.0.0.0",
+        http_port: int | None = 8000,
+        grpc_port: int | None = 8001,
+        metrics_port: int | None = 8002,
+        engine_args: Mapping[str, Any] | None = None,
+        log_verbose: int = 0,
+        ready_timeout: float = 120.0,
+        log_file: str | os.PathLike | None = None,
+        echo: bool = False,
+        extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.model_repository = Path(model_repository or DEFAULT_MODEL_REPOSITORY).resolve()
+        self.host = host
+        self._requested_ports = (http_port, grpc_port, metrics_port)
+        self.http_port = self.grpc_port = self.metrics_port = 0
+        self.engine_args = dict(engine_args or {})
+        self.log_verbose = int(log_verbose)
+        self.ready_timeout = float(ready_timeout)
+        self.log_file = Path(log_file) if log_file else None
+        self.echo = echo
+        self.extra_args = list(extra_args)
+        self.env = dict(env or {})
+        self.process: subprocess.Popen | None = None
+        self._tmp_dir: Path | None = None
+        self._log_lines: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
+        self._log_lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+
+    # -- addresses ---------------------------------------------------------------------------
+    @property
+    def connect_host(self) -> str:
+        """Address a client on this machine uses (a wildcard bind is reached over loopback)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+
+    @property
+    def http_address(self) -> str:
+        """``host:port`` as tritonclient.http wants it."""
+        return f"{self.connect_host}:{self.http_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_address}"
+
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` as tritonclient.grpc wants it."""
+        return f"{self.connect_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.connect_host}:{self.metrics_port}/metrics"
+
+    # -- life cycle --------------------------------------------------------------------------
+    def command(self, backend_dir: Path) -> list[str]:
+        return [
+            str(tritonserver_binary()),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_dir}",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            f"--log-verbose={self.log_verbose}",
+            *self.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.env)
+        # The stub's interpreter takes its packages from the venv of the first python3 on PATH.
+        venv_bin = str(Path(sys.prefix) / "bin")
+        env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+        env.pop("PYTHONHOME", None)
+        if self.engine_args:
+            env[ENGINE_ARGS_ENV] = json.dumps(self.engine_args)
+        return env
+
+    def start(self) -> "TritonServer":
+        """Start tritonserver and wait until ``/v2/health/ready`` answers 200.
+
+        Raises TritonServerError (with the log tail) if it exits or is not ready in time; the
+        process is stopped then.
+        """
+        if self.process is not None:
+            raise TritonServerError("server already started")
+        if not self.model_repository.is_dir():
+            raise TritonServerError(f"model repository {self.model_repository} is not a directory")
+        self._assign_ports()
+        self._tmp_dir = Path(tempfile.mkdtemp(prefix="multilora-triton-"))
+        backend_dir = make_backend_dir(self._tmp_dir)
+        log = open(self.log_file, "a", encoding="utf-8") if self.log_file else None
+        self.process = subprocess.Popen(
+            self.command(backend_dir), env=self.environment(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+            bufsize=1, start_new_session=True,  # signals reach it only through us
+        )
+        _running_servers.add(self)
+        self._reader = threading.Thread(
+            target=self._read_output, args=(self.process.stdout, log), name="tritonserver-log",
+            daemon=True)
+        self._reader.start()
+        try:
+            self.wait_ready(self.ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"{self.http_url}/v2/health/ready"
+        while True:
+            code = self.process.poll() if self.process else None
+            if self.process is None or code is not None:
+                raise TritonServerError(
+                    f"tritonserver exited with code {code} before it was ready\n{self.log_tail()}")
+            if _http_status(url) == 200:
+                return
+            if time.monotonic() > deadline:
+                raise TritonServerError(
+                    f"tritonserver was not ready after {timeout:.0f} s ({url})\n{self.log_tail()}")
+            time.sleep(0.25)
+
+    def is_ready(self) -> bool:
+        return self.is_running() and _http_status(f"{self.http_url}/v2/health/ready") == 200
+
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (Triton then unloads models, calling their ``finalize``), SIGKILL after
+        ``timeout`` s. Removes the temporary backend directory. Returns the exit code."""
+        process, self.process = self.process, None
+        code = None
+        if process is not None:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            code = process.returncode
+            if self._reader is not None:
+                self._reader.join(timeout=5)
+        _running_servers.discard(self)
+        if self._tmp_dir is not None:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
+        return code
+
+    def wait(self) -> int:
+        """Wait for the process to exit on its own; returns its exit code."""
+        if self.process is None:
+            raise TritonServerError("server not started")
+        return self.process.wait()
+
+    def log_tail(self, num_lines: int = 60) -> str:
+        with self._log_lock:
+            lines = list(self._log_lines)[-num_lines:]
+        return "".join(lines)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- internals ---------------------------------------------------------------------------
+    def _assign_ports(self) -> None:
+        bind_host = self.connect_host
+        chosen: list[int] = []
+        for port in self._requested_ports:
+            chosen.append(int(port) if port else pick_free_port(bind_host, exclude=chosen))
+        if len(set(chosen)) != 3:
+            raise TritonServerError(f"http, grpc and metrics ports must differ, got {chosen}")
+        self.http_port, self.grpc_port, self.metrics_port = chosen
+
+    def _read_output(self, stream, log) -> None:
+        try:
+            for line in stream:
+                with self._log_lock:
+                    self._log_lines.append(line)
+                if log is not None:
+                    log.write(line)
+                    log.flush()
+                if self.echo:
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+        finally:
+            if log is not None:
+                log.close()
+
+
+def _http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (OSError, ValueError):
+        return None
+
+
+@atexit.register
+def _stop_all() -> None:
+    for server in list(_running_servers):
+        server.stop(timeout=10)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="multilora-serve",
+        description="Serve the multilora model with the tritonserver of the nvidia-pytriton wheel.")
+    parser.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY),
+                        help="Triton model repository (default: %(default)s)")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="address the HTTP, gRPC and metrics endpoints bind (default: %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port")
+    parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an engine.json value (repeatable); VALUE is JSON or a string")
+    parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
+    parser.add_argument("--ready-timeout", type=float, default=300.0,
+                        help="seconds to wait for /v2/health/ready (default: %(default)s)")
+    parser.add_argument("--log-file", default=None, help="also write tritonserver's output here")
+    parser.add_argument("--tritonserver-arg", action="append", default=[], metavar="ARG",
+                        help="extra tritonserver argument, e.g. --tritonserver-arg=--exit-timeout-secs=5")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        engine_args = parse_engine_args(args.engine_arg)
+    except ValueError as error:
+        print(f"multilora-serve: {error}", file=sys.stderr)
+        return 2
+    server = TritonServer(
+        args.model_repository, host=args.host, http_port=args.http_port,
+        grpc_port=args.grpc_port, metrics_port=args.metrics_port, engine_args=engine_args,
+        log_verbose=args.log_verbose, ready_timeout=args.ready_timeout, log_file=args.log_file,
+        echo=True, extra_args=args.tritonserver_arg)
+
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # First signal: let tritonserver unload the model cleanly; a second one kills it.
+        process = server.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGKILL if stop_requested.is_set() else signal.SIGTERM)
+        stop_requested.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start()
+    except TritonServerError as error:
+        if stop_requested.is_set():
+            server.stop()
+            return 0
+        print(f"multilora-serve: {error}", file=sys.stderr)
+        return 1
+    print(f"HTTP:    {server.http_url}  (e.g. {server.http_url}/v2/models/multilora/generate)",
+          flush=True)
+    print(f"gRPC:    {server.grpc_url}", flush=True)
+    print(f"metrics: {server.metrics_url}", flush=True)
+    print(f"multilora ready: http={server.http_url} grpc={server.grpc_url} "
+          f"metrics={server.metrics_url}", flush=True)
+    code = server.wait()
+    server.stop()
+    if stop_requested.is_set():
+        return 0
+    print(f"multilora-serve: tritonserver exited with code {code}\n{server.log_tail()}",
+          file=sys.stderr)
+    return code or 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

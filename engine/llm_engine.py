@@ -1,0 +1,235 @@
+"""The engine: requests in, one scheduled step at a time, deltas out. Single-threaded; see async_engine."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.detokenizer import IncrementalDetokenizer, find_stop
+from engine.errors import EngineOverloadedError, InvalidRequestError
+from engine.lora_manager import LoRAManager
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, Status
+
+logger = logging.getLogger("multilora")
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks_total: int = 0
+    num_kv_blocks_used: int = 0
+    num_adapters_loaded: int = 0
+    adapter_loads_total: int = 0
+    adapter_load_seconds_total: float = 0.0
+    adapter_hits_total: int = 0
+    adapter_misses_total: int = 0
+    adapter_evictions_total: int = 0
+    prompt_tokens_total: int = 0
+    generation_tokens_total: int = 0
+    num_preemptions_total: int = 0
+    steps_total: int = 0
+
+
+class LLMEngine:
+    """Continuous-batching multi-LoRA engine.
+
+    ``make_sequence`` validates a request (and loads its adapter) in the caller's thread;
+    ``add``, ``abort`` and ``step`` belong to the thread that runs the loop.
+    """
+
+    def __init__(self, config: EngineConfig, adapters: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        max_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.runner = ModelRunner(config, self.model_config, max_len)
+        kv_capacity = self.runner.num_blocks * config.block_size
+        if kv_capacity < max_len:
+            logger.warning("[multilora] max_model_len %d lowered to the KV cache's %d tokens", max_len, kv_capacity)
+            max_len = kv_capacity
+        self.max_model_len = max_len
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.lora = LoRAManager(self.model_config, adapters or {}, config.lora_roots, config.max_lora_rank,
+                                config.max_loras, self.runner.device, self.runner.dtype)
+        self.eos_token_ids = self._eos_ids()
+        self.seqs: dict[str, Sequence] = {}
+        self.stats = EngineStats(num_kv_blocks_total=self.runner.num_blocks)
+
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen_path = os.path.join(self.config.model, "generation_config.json")
+        if os.path.isfile(gen_path):
+            with open(gen_path) as f:
+                eos = json.load(f).get("eos_token_id")
+            ids.update(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        return tuple(sorted(int(i) for i in ids))
+
+    # --- requests ---------------------------------------------------------------------------
+    def make_sequence(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
+                      params: SamplingParams, lora_name: str | None) -> Sequence:
+        """Validate and tokenize a request, and take a reference on its adapter. Thread-safe."""
+        if (prompt is None) == (prompt_token_ids is None):
+            raise InvalidRequestError("give exactly one of text_input (prompt) and input_ids (prompt_token_ids)")
+        if prompt is not None:
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            ids = [int(t) for t in prompt_token_ids]
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"input_ids: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
+                                      "(max_model_len), including at least one generated token")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"sampling_parameters: max_tokens={params.max_tokens} is beyond the context: the prompt has "
+                f"{len(ids)} tokens and max_model_len is {self.max_model_len}, so at most "
+                f"{self.max_model_len - len(ids)} can be generated")
+        slot = self.lora.acquire(lora_name) if lora_name else -1
+        seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params, lora_name=lora_name or None,
+                       lora_slot=slot)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device)
+            seq.generator.manual_seed(params.seed)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        return seq
+
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self.seqs:
+            self.release(seq)
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
+        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
+            self.release(seq)
+            raise EngineOverloadedError(f"the engine has {len(self.scheduler.waiting)} requests waiting "
+                                        f"(max_waiting_requests); try again later")
+        self.seqs[seq.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request now; returns its final delta (finish_reason 'abort'), or None if unknown."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        self._finish(seq)
+        return self._delta(seq, flush=True)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- the loop -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sampled = self.runner.run(batch, self.blocks, self.lora, self.eos_token_ids)
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        tokens = iter(sampled)
+        for item in batch:
+            seq = item.seq
+            if seq.num_computed_tokens < seq.num_prompt_tokens:
+                self.stats.prompt_tokens_total += min(item.num_new_tokens,
+                                                      seq.num_prompt_tokens - seq.num_computed_tokens)
+            samples = item.samples
+            seq.num_computed_tokens += item.num_new_tokens
+            if not samples:
+                continue
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self._append_token(seq, next(tokens))
+            self.stats.generation_tokens_total += 1
+            if seq.is_finished:
+                self._finish(seq)
+            outputs.append(self._delta(seq, flush=seq.is_finished))
+        self.stats.steps_total += 1
+        return outputs
+
+    def fail_all(self, error: Exception) -> list[RequestOutput]:
+        """End every live request with ``error`` (after an unexpected failure of a step)."""
+        outputs = []
+        for seq in list(self.seqs.values()):
+            seq.finish_reason = "error"
+            self._finish(seq)
+            out = self._delta(seq, flush=True)
+            out.error = error
+            outputs.append(out)
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        s = self.stats
+        lora = self.lora.stats
+        s.num_running, s.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        s.num_kv_blocks_used = self.blocks.num_used
+        s.num_adapters_loaded = lora.num_loaded
+        s.adapter_loads_total, s.adapter_load_seconds_total = lora.loads_total, lora.load_seconds_total
+        s.adapter_hits_total, s.adapter_misses_total = lora.hits_total, lora.misses_total
+        s.adapter_evictions_total = lora.evictions_total
+        s.num_preemptions_total = self.scheduler.num_preemptions
+        return EngineStats(**vars(s))
+
+    # --- per-sequence bookkeeping -----------------------------------------------------------
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        seq.output_token_ids.append(token)
+        num_out = len(seq.output_token_ids)
+        new_text = seq.detokenizer.add(token)
+        seq.output_text += new_text
+        may_stop = num_out >= p.min_tokens
+        if may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
+            seq.finish_reason = "stop"
+        elif may_stop and p.stop and new_text:
+            at = find_stop(seq.output_text, p.stop, len(seq.output_text) - len(new_text))
+            if at != -1:
+                seq.output_text = seq.output_text[:at]
+                seq.finish_reason = "stop"
+        if seq.finish_reason is None and (num_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            seq.status = Status.FINISHED
+
+    def _delta(self, seq: Sequence, flush: bool) -> RequestOutput:
+        # hold back text that may turn out to be the start of a stop string
+        holdback = 0 if flush or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
+        end = max(seq.num_sent_chars, len(seq.output_text) - holdback)
+        out = RequestOutput(
+            request_id=seq.request_id,
+            text=seq.output_text[seq.num_sent_chars:end],
+            token_ids=seq.output_token_ids[seq.num_sent_tokens:],
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=len(seq.output_token_ids),
+        )
+        seq.num_sent_chars, seq.num_sent_tokens = end, len(seq.output_token_ids)
+        return out
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.status = Status.FINISHED
+        self.scheduler.remove(seq)
+        self.seqs.pop(seq.request_id, None)
+        self.release(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Drop the sequence's adapter reference (once)."""
+        if seq.lora_slot >= 0:
+            self.lora.release(seq.lora_slot)
+            seq.lora_slot = -2  # released; never release twice

@@ -1,0 +1,75 @@
+"""The Llama-family transformer (Llama 2/3, Mistral, Qwen2) over a flat batch of mixed prefill/decode tokens."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine import ops
+from engine.config import ModelConfig
+from engine.lora_batch import LoRABatch
+from engine.rope import RotaryCache
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token of the step sits. S sequences, T tokens, MB max blocks per sequence."""
+
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64, KV cache slot of each new token
+    query_start_loc: torch.Tensor  # [S+1] int32
+    seq_lens: torch.Tensor  # [S] int32, context length after this step
+    block_tables: torch.Tensor  # [S, MB] int32
+    max_query_len: int
+
+
+class Transformer:
+    """Holds the weights (engine layout, see checkpoint.load_weights) and runs a forward pass."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int) -> None:
+        self.config = config
+        self.w = weights
+        embed = weights["embed"]
+        self.device, self.dtype = embed.device, embed.dtype
+        self.rotary = RotaryCache(config.head_dim, config.rope_theta, config.rope_scaling,
+                                  max_positions, self.device, self.dtype)
+        self.q_size = config.num_heads * config.head_dim
+        self.kv_size = config.num_kv_heads * config.head_dim
+        self.scale = config.head_dim ** -0.5
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attn: AttentionMetadata, lora: LoRABatch,
+                kv_cache: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T]; kv_cache: [L, 2, NB, BS, KVH, D]; logits_indices: [N] -> logits [N, V] float32."""
+        c, w = self.config, self.w
+        num_tokens = input_ids.shape[0]
+        hidden = w["embed"].index_select(0, input_ids)  # [T, H]
+        cos, sin = self.rotary.lookup(attn.positions)
+        residual = None
+        for i in range(c.num_layers):
+            hidden, residual = ops.add_rms_norm(hidden, residual, w[f"{i}.input_norm"], c.rms_norm_eps)
+            # attention block
+            qkv = ops.linear(hidden, w[f"{i}.qkv"], w.get(f"{i}.qkv_bias"))  # [T, q + 2kv]
+            lora.apply(qkv, hidden, i, ("q_proj", "k_proj", "v_proj"), (0, self.q_size, self.q_size + self.kv_size))
+            q = qkv[:, :self.q_size].view(num_tokens, c.num_heads, c.head_dim)
+            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(num_tokens, c.num_kv_heads, c.head_dim)
+            v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, c.num_kv_heads, c.head_dim)
+            q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
+            ops.write_kv(k, v, kv_cache[i, 0], kv_cache[i, 1], attn.slot_mapping)
+            out = ops.attention(q, kv_cache[i, 0], kv_cache[i, 1], attn, self.scale, c.sliding_window)
+            out = out.reshape(num_tokens, self.q_size)
+            o = ops.linear(out, w[f"{i}.o"], w.get(f"{i}.o_bias"))
+            lora.apply(o, out, i, ("o_proj",), (0,))
+            hidden, residual = ops.add_rms_norm(o, residual, w[f"{i}.post_norm"], c.rms_norm_eps)
+            # MLP block
+            gate_up = ops.linear(hidden, w[f"{i}.gate_up"], w.get(f"{i}.gate_up_bias"))  # [T, 2I]
+            lora.apply(gate_up, hidden, i, ("gate_proj", "up_proj"), (0, c.intermediate_size))
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+            down = ops.linear(act, w[f"{i}.down"], w.get(f"{i}.down_bias"))
+            lora.apply(down, act, i, ("down_proj",), (0,))
+            hidden = down
+        hidden, _ = ops.add_rms_norm(hidden, residual, w["norm"], c.rms_norm_eps)
+        hidden = hidden.index_select(0, logits_indices)
+        return ops.linear(hidden, w["lm_head"], None).float()

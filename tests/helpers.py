@@ -1,0 +1,79 @@
+"""Tiny random checkpoints and PEFT adapters, written by the tests themselves."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+VOCAB_SIZE = 300  # 256 byte tokens + specials + spare ids
+
+
+def write_tokenizer(path: str) -> None:
+    """A byte-level tokenizer (no merges): every byte is a token; <s> is prepended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = ByteLevel.alphabet()
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
+
+
+def write_checkpoint(path: str, kind: str = "llama", seed: int = 0, **overrides) -> str:
+    """A tiny random model of the given kind: 'llama' (MHA), 'llama_gqa', 'qwen2', 'mistral', 'llama3'."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    model_type = {"llama": "llama", "llama_gqa": "llama", "llama3": "llama", "qwen2": "qwen2",
+                  "mistral": "mistral"}[kind]
+    if kind in ("llama_gqa", "qwen2", "mistral"):
+        common["num_key_value_heads"] = 2
+    if kind == "llama3":
+        common.update(num_key_value_heads=2, tie_word_embeddings=True,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                      rope_theta=500000.0)
+    if kind == "mistral":
+        common["sliding_window"] = None
+    common.update(overrides)
+    config = AutoConfig.for_model(model_type, **common)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # spread the logits so greedy choices are far from ties
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+            elif "bias" in name:
+                p.normal_(0, 0.1)
+    model.save_pretrained(path)
+    write_tokenizer(path)
+    return path
+
+
+def write_adapter(path: str, base_path: str, rank: int, modules: list[str], seed: int,
+                  alpha: float | None = None, use_rslora: bool = False) -> str:
+    """A PEFT LoRA adapter with random A and B (B is non-zero, unlike a fresh PEFT init)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=modules,
+                        lora_dropout=0.0, use_rslora=use_rslora)
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model.save_pretrained(path)
+    assert os.path.isfile(os.path.join(path, "adapter_model.safetensors"))
+    return path
