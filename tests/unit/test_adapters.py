@@ -1,0 +1,115 @@
+"""Adapter loading: what is accepted, and clear errors for everything that is not."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.adapters import load_adapter
+from engine.config import ModelConfig
+from engine.errors import AdapterLoadError, AdapterNotFoundError, InvalidRequestError
+from engine.lora_manager import LoRAManager, check_adapter_name
+from helpers import write_adapter, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def base_and_adapter(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    base = write_checkpoint(str(root / "base"), "llama")
+    adapter = write_adapter(str(root / "good"), base, 8, ["q_proj", "down_proj"], seed=1, alpha=4)
+    return base, adapter
+
+
+def broken_copy(src, dst, edit_tensors=None, edit_config=None):
+    shutil.copytree(src, dst)
+    if edit_tensors:
+        path = os.path.join(dst, "adapter_model.safetensors")
+        tensors = load_file(path)
+        edit_tensors(tensors)
+        save_file(tensors, path)
+    if edit_config:
+        path = os.path.join(dst, "adapter_config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        edit_config(cfg)
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+    return str(dst)
+
+
+def test_good_adapter_scale_and_modules(base_and_adapter):
+    base, path = base_and_adapter
+    a = load_adapter("good", path, ModelConfig.from_dir(base), max_lora_rank=16)
+    assert a.rank == 8 and a.modules == ("q_proj", "down_proj")
+    _, _, scale = a.weights[0]["q_proj"]
+    assert scale == pytest.approx(4 / 8)
+
+
+def test_rslora_scale(tmp_path, base_and_adapter):
+    base, _ = base_and_adapter
+    path = write_adapter(str(tmp_path / "rs"), base, 16, ["v_proj"], seed=2, alpha=8, use_rslora=True)
+    a = load_adapter("rs", path, ModelConfig.from_dir(base), max_lora_rank=16)
+    assert a.weights[1]["v_proj"][2] == pytest.approx(8 / 4)
+
+
+def _nan(t):
+    key = next(k for k in t if "lora_B" in k)
+    t[key][0, 0] = float("nan")
+
+
+def _bad_shape(t):
+    key = next(k for k in t if "lora_A" in k)
+    t[key] = torch.zeros(t[key].shape[0], t[key].shape[1] + 1)
+
+
+def _embed(t):
+    t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(8, 300)
+
+
+@pytest.mark.parametrize("edit_tensors, edit_config, message", [
+    (None, None, "exceeds max_lora_rank=4"),
+    (_nan, None, "NaN or Inf"),
+    (_bad_shape, None, "do not match the base model"),
+    (_embed, None, "not supported"),
+    (None, lambda c: c.update(use_dora=True), "DoRA"),
+    (None, lambda c: c.update(modules_to_save=["lm_head"]), "modules_to_save"),
+])
+def test_bad_adapters_are_rejected_clearly(tmp_path, base_and_adapter, edit_tensors, edit_config, message):
+    base, good = base_and_adapter
+    path = broken_copy(good, tmp_path / "bad", edit_tensors, edit_config)
+    max_rank = 4 if message.startswith("exceeds") else 64
+    with pytest.raises(AdapterLoadError, match=message):
+        load_adapter("bad", path, ModelConfig.from_dir(base), max_lora_rank=max_rank)
+
+
+def test_pickle_adapter_is_never_loaded(tmp_path, base_and_adapter):
+    base, good = base_and_adapter
+    path = broken_copy(good, tmp_path / "pickle")
+    os.rename(os.path.join(path, "adapter_model.safetensors"), os.path.join(path, "adapter_model.bin"))
+    with pytest.raises(AdapterLoadError, match="safetensors only"):
+        load_adapter("pickle", path, ModelConfig.from_dir(base), max_lora_rank=64)
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "a\\b", ".hidden", "", "a b"])
+def test_adapter_names_must_be_plain(name):
+    with pytest.raises(InvalidRequestError):
+        check_adapter_name(name)
+
+
+def test_manager_resolves_roots_refcounts_and_evicts(tmp_path, base_and_adapter):
+    base, good = base_and_adapter
+    root = tmp_path / "root"
+    for name in ("x", "y", "z"):
+        shutil.copytree(good, root / name)
+    mgr = LoRAManager(ModelConfig.from_dir(base), {"good": good}, [str(root)], 64, max_loaded=2,
+                      device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(AdapterNotFoundError, match="'nope' is not known.*good"):
+        mgr.acquire("nope")
+    sx = mgr.acquire("x")
+    sy = mgr.acquire("y")
+    mgr.release(sy)
+    mgr.acquire("z")  # evicts y (unreferenced), never x (held)
+    assert mgr.stats.evictions_total == 1 and mgr.get(sx).name == "x"
+    assert mgr.acquire("x") == sx and mgr.stats.hits_total == 1

@@ -1,0 +1,158 @@
+"""Engine behaviour: stop conditions, streaming deltas, abort, errors, checkpoints."""
+import json
+import os
+import shutil
+import threading
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig, ModelConfig
+from engine.errors import AdapterNotFoundError, CheckpointError, InvalidRequestError
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from helpers import write_adapter, write_checkpoint
+
+PROMPT = [1, 40, 41, 42, 43, 44]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return write_checkpoint(str(tmp_path_factory.mktemp("engine") / "base"), "llama_gqa")
+
+
+@pytest.fixture(scope="module")
+def llm(base):
+    return LLM(model=base, num_kv_blocks=64)
+
+
+def free_run(llm, n=20):
+    return llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
+
+
+def test_stop_string_truncates_text(llm):
+    full = free_run(llm)
+    text = full.text
+    assert len(text) >= 6
+    stop = text[3:5]
+    first = text.find(stop)
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20, stop=[stop], ignore_eos=True))[0]
+    assert out.finish_reason == "stop"
+    assert out.text == text[:first]
+    assert full.token_ids[:len(out.token_ids)] == out.token_ids
+
+
+def test_stop_token_ids_and_min_tokens(llm):
+    full = free_run(llm).token_ids
+    target = full[4]
+    first = full.index(target)
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[target],
+                                                ignore_eos=True))[0]
+    assert out.token_ids == full[:first + 1] and out.finish_reason == "stop"
+    # min_tokens: the stop token is masked until min_tokens are out
+    later = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20, min_tokens=first + 3,
+                                                  stop_token_ids=[target], ignore_eos=True))[0]
+    assert len(later.token_ids) >= first + 3
+    assert target not in later.token_ids[:first + 3]
+
+
+def test_eos_stops_unless_ignored(llm):
+    full = free_run(llm).token_ids
+    eos_llm_ids = llm.engine.eos_token_ids
+    assert 2 in eos_llm_ids
+    # make the 3rd generated token an EOS by declaring it one
+    llm.engine.eos_token_ids = (full[2],)
+    try:
+        out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20))[0]
+        assert out.token_ids == full[:full.index(full[2]) + 1] and out.finish_reason == "stop"
+        out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+        assert out.token_ids == full and out.finish_reason == "length"
+    finally:
+        llm.engine.eos_token_ids = eos_llm_ids
+
+
+def test_prompt_and_max_tokens_limits(llm):
+    engine = llm.engine
+    limit = engine.max_model_len
+    with pytest.raises(InvalidRequestError, match="prompt has"):
+        engine.make_sequence("x", None, [1] * limit, SamplingParams(max_tokens=1), None)
+    with pytest.raises(InvalidRequestError, match="max_tokens=.*beyond the context"):
+        engine.make_sequence("x", None, [1] * 10, SamplingParams(max_tokens=limit), None)
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        engine.make_sequence("x", None, [1, 999999], SamplingParams(), None)
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        engine.make_sequence("x", "text", [1], SamplingParams(), None)
+    with pytest.raises(AdapterNotFoundError, match="'missing' is not known"):
+        engine.make_sequence("x", None, [1, 2], SamplingParams(), "missing")
+
+
+def test_async_engine_streams_deltas_and_aborts(base, tmp_path):
+    adapter = write_adapter(str(tmp_path / "a"), base, 4, ["q_proj"], seed=3)
+    engine = AsyncEngine(EngineConfig(model=base, num_kv_blocks=64), {"a": adapter})
+    engine.start()
+    try:
+        done = threading.Event()
+        got = []
+
+        def collect(out):
+            got.append(out)
+            if out.finished:
+                done.set()
+
+        engine.add_request("r1", "hello", None, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), "a",
+                           collect)
+        assert done.wait(30)
+        assert sum(len(o.token_ids) for o in got) == 8 and [o.finished for o in got].count(True) == 1
+        assert got[-1].finish_reason == "length" and got[-1].num_prompt_tokens == 6
+
+        aborted = threading.Event()
+        final = []
+
+        def on_abort(out):
+            if out.finished:
+                final.append(out)
+                aborted.set()
+
+        limit = engine.max_model_len
+        engine.add_request("r2", None, [1, 5], SamplingParams(max_tokens=limit - 2, ignore_eos=True), None, on_abort)
+        engine.abort("r2")
+        assert aborted.wait(30)
+        assert final[0].finish_reason == "abort"
+        for _ in range(100):
+            stats = engine.stats()
+            if stats.num_kv_blocks_used == 0:
+                break
+            threading.Event().wait(0.05)
+        assert stats.num_kv_blocks_used == 0 and stats.num_running == 0
+    finally:
+        engine.shutdown()
+
+
+def test_sharded_checkpoint_loads_the_same(base, tmp_path, llm):
+    model = AutoModelForCausalLM.from_pretrained(base)
+    sharded = str(tmp_path / "sharded")
+    model.save_pretrained(sharded, max_shard_size="40KB")
+    assert os.path.isfile(os.path.join(sharded, "model.safetensors.index.json"))
+    for name in os.listdir(base):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            shutil.copy(os.path.join(base, name), sharded)
+    out = LLM(model=sharded, num_kv_blocks=64).generate(
+        [PROMPT], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    assert out.token_ids == free_run(llm).token_ids
+
+
+def test_bad_checkpoints_say_what_is_wrong(base, tmp_path):
+    with open(os.path.join(base, "config.json")) as f:
+        raw = json.load(f)
+    with pytest.raises(CheckpointError, match="not supported"):
+        ModelConfig.from_dict({**raw, "architectures": ["GPT2LMHeadModel"]})
+    with pytest.raises(CheckpointError, match="missing required key 'hidden_size'"):
+        ModelConfig.from_dict({k: v for k, v in raw.items() if k != "hidden_size"})
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    os.rename(broken / "model.safetensors", broken / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        LLM(model=str(broken))
+    with pytest.raises(ValueError, match="unknown key"):
+        EngineConfig.from_dict({"model": base, "max_num_seq": 3})
