@@ -33,11 +33,6 @@ class LoRAAdapter:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
                    for layer in self.weights for a, b, _ in layer.values())
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "LoRAAdapter":
-        weights = [{m: (a.to(device, dtype), b.to(device, dtype), s) for m, (a, b, s) in layer.items()}
-                   for layer in self.weights]
-        return LoRAAdapter(self.name, self.path, self.rank, self.modules, weights)
-
 
 def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int) -> LoRAAdapter:
     """Load and validate a PEFT adapter directory. Raises AdapterLoadError saying what is wrong."""
@@ -107,6 +102,8 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int) -
         a, b = pair["A"].float(), pair["B"].float()
         n_in, n_out = shapes[module]
         rank = a.shape[0]
+        if rank < 1:
+            raise fail(f"layer {layer} {module}: rank must be >= 1")
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != n_in or tuple(b.shape) != (n_out, rank):
             raise fail(f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
                        f"match the base model (expected ({rank}, {n_in}) and ({n_out}, {rank}))")
@@ -128,3 +125,55 @@ def _alpha_for(module_name: str, alpha_pattern: dict[str, float], default: float
         if re.match(rf"(.*\.)?({pattern})$", module_name):
             return float(alpha)
     return default
+
+
+@dataclass
+class PackedAdapter:
+    """An adapter laid out for the page pool: one virtual array per layer, cut into pages.
+
+    data: [L, num_pages * page_size] in the serving dtype. For each module m of LORA_MODULES:
+    ranks[m] (0 if absent), a_offsets[m] (A [r, in] row-major), b_offsets[m] (B^T [r, out]
+    row-major), scales[m]. Layers where a module is absent or has a smaller rank hold zeros there.
+    """
+
+    name: str
+    data: torch.Tensor
+    num_pages: int
+    ranks: dict[str, int]
+    a_offsets: dict[str, int]
+    b_offsets: dict[str, int]
+    scales: dict[str, float]
+
+    @property
+    def num_bytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def pack_adapter(adapter: LoRAAdapter, model: ModelConfig, page_size: int, dtype: torch.dtype,
+                 pin_memory: bool = False) -> PackedAdapter:
+    shapes = model.projection_shapes()
+    ranks, a_offsets, b_offsets, scales = {}, {}, {}, {}
+    offset = 0
+    for m in LORA_MODULES:
+        present = [layer[m] for layer in adapter.weights if m in layer]
+        ranks[m] = max((a.shape[0] for a, _, _ in present), default=0)
+        if not ranks[m]:
+            continue
+        n_in, n_out = shapes[m]
+        scales[m] = present[0][2]
+        a_offsets[m] = offset
+        offset += ranks[m] * n_in
+        b_offsets[m] = offset
+        offset += ranks[m] * n_out
+    num_pages = max(1, -(-offset // page_size))
+    data = torch.zeros(model.num_layers, num_pages * page_size, dtype=dtype, pin_memory=pin_memory)
+    for layer, modules in enumerate(adapter.weights):
+        for m, (a, b, scale) in modules.items():
+            r = a.shape[0]
+            n_in, n_out = shapes[m]
+            if scale != scales[m]:  # a layer-specific alpha: fold the ratio into B
+                b = b * (scale / scales[m])
+            a_off, b_off = a_offsets[m], b_offsets[m]
+            data[layer, a_off:a_off + r * n_in] = a.reshape(-1).to(dtype)
+            data[layer, b_off:b_off + r * n_out] = b.t().reshape(-1).to(dtype)
+    return PackedAdapter(adapter.name, data, num_pages, ranks, a_offsets, b_offsets, scales)

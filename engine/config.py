@@ -140,11 +140,14 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     block_size: int = 16
-    num_kv_blocks: int | None = None  # fixed KV size; otherwise from kv_cache_memory_bytes / gpu_memory_utilization
-    kv_cache_memory_bytes: int | None = None
+    # The unified pool: num_pages pages, each one KV block (block_size tokens, all layers) or a
+    # piece of an adapter. Fixed by num_pages, else by pool_memory_bytes, else on CUDA from
+    # gpu_memory_utilization after weights and the activation peak are measured.
+    num_pages: int | None = None
+    pool_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
     max_lora_rank: int = 64
-    max_loras: int = 256  # adapters kept loaded on the device at once
+    max_host_adapter_bytes: int = 8 << 30  # host-memory tier of adapters (LRU)
     lora_roots: list[str] = field(default_factory=list)
     max_waiting_requests: int = 4096
     seed: int = 0
@@ -155,13 +158,15 @@ class EngineConfig:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"engine config: dtype {self.dtype!r} must be auto, float32, float16 or bfloat16")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank",
-                     "max_waiting_requests", "max_loras"):
+                     "max_waiting_requests"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"engine config: {name} must be >= 1, got {getattr(self, name)!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError("engine config: gpu_memory_utilization must be in (0, 1]")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError("engine config: num_kv_blocks must be >= 1")
+        if self.num_pages is not None and self.num_pages < 1:
+            raise ValueError("engine config: num_pages must be >= 1")
+        if self.max_host_adapter_bytes < 0:
+            raise ValueError("engine config: max_host_adapter_bytes must be >= 0")
         if isinstance(self.lora_roots, str):
             self.lora_roots = [self.lora_roots]
 

@@ -130,6 +130,8 @@ class TritonServer:
     Use as a context manager (``with TritonServer(repo, http_port=None) as server:``) or call
     ``start()`` / ``stop()``. A port given as ``None`` or 0 is picked free on ``host``.
     ``engine_args`` reach the model as the JSON environment variable ``MULTILORA_ENGINE_ARGS``.
+    The process runs in the temporary directory (the Python stub puts its working directory on
+    sys.path), with the venv's ``bin`` first on PATH.
     The server's output is kept (the last lines are in ``log_tail()``), written to ``log_file``
     when given, and echoed to stderr when ``echo`` is true.
     """
@@ -145,6 +147,7 @@ class TritonServer:
         engine_args: Mapping[str, Any] | None = None,
         log_verbose: int = 0,
         ready_timeout: float = 120.0,
+        exit_timeout_s: int = 30,
         log_file: str | os.PathLike | None = None,
         echo: bool = False,
         extra_args: Sequence[str] = (),
@@ -157,6 +160,7 @@ class TritonServer:
         self.engine_args = dict(engine_args or {})
         self.log_verbose = int(log_verbose)
         self.ready_timeout = float(ready_timeout)
+        self.exit_timeout_s = int(exit_timeout_s)
         self.log_file = Path(log_file) if log_file else None
         self.echo = echo
         self.extra_args = list(extra_args)
@@ -204,6 +208,7 @@ class TritonServer:
             f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
             *self.extra_args,
         ]
 
@@ -235,7 +240,8 @@ class TritonServer:
         self.process = subprocess.Popen(
             self.command(backend_dir), env=self.environment(), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-            bufsize=1, start_new_session=True,  # signals reach it only through us
+            bufsize=1, cwd=self._tmp_dir,  # the stub puts its cwd on sys.path: keep it neutral
+            start_new_session=True,  # signals reach it only through us
         )
         _running_servers.add(self)
         self._reader = threading.Thread(
@@ -270,9 +276,13 @@ class TritonServer:
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM (Triton then unloads models, calling their ``finalize``), SIGKILL after
-        ``timeout`` s. Removes the temporary backend directory. Returns the exit code."""
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM (Triton waits up to ``exit_timeout_s`` for in-flight requests and open
+        connections, then unloads the models, calling their ``finalize``); SIGKILL after
+        ``timeout`` s (default: exit_timeout_s + 30). Removes the temporary backend directory.
+        Returns the exit code."""
+        if timeout is None:
+            timeout = self.exit_timeout_s + 30.0
         process, self.process = self.process, None
         code = None
         if process is not None:

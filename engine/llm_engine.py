@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer
 
-from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.errors import EngineOverloadedError, InvalidRequestError
 from engine.lora_manager import LoRAManager
 from engine.model_runner import ModelRunner
+from engine.page_manager import PageManager
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -28,14 +28,17 @@ logger = logging.getLogger("multilora")
 class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
-    num_kv_blocks_total: int = 0
-    num_kv_blocks_used: int = 0
-    num_adapters_loaded: int = 0
-    adapter_loads_total: int = 0
+    num_pages_total: int = 0  # the unified pool
+    num_pages_free: int = 0
+    num_kv_blocks_used: int = 0  # pages holding KV
+    num_adapter_pages_used: int = 0  # pages holding adapters
+    num_adapters_gpu: int = 0  # adapters resident in the pool
+    num_adapters_host: int = 0  # adapters in the host tier
+    adapter_loads_total: int = 0  # disk -> host
     adapter_load_seconds_total: float = 0.0
-    adapter_hits_total: int = 0
-    adapter_misses_total: int = 0
-    adapter_evictions_total: int = 0
+    adapter_hits_total: int = 0  # admitted with the adapter already in the pool
+    adapter_misses_total: int = 0  # admitted after copying the adapter into the pool
+    adapter_evictions_total: int = 0  # evicted from the pool
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_preemptions_total: int = 0
@@ -55,18 +58,19 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         max_len = config.max_model_len or self.model_config.max_position_embeddings
         self.runner = ModelRunner(config, self.model_config, max_len)
-        kv_capacity = self.runner.num_blocks * config.block_size
+        kv_capacity = self.runner.num_pages * config.block_size
         if kv_capacity < max_len:
             logger.warning("[multilora] max_model_len %d lowered to the KV cache's %d tokens", max_len, kv_capacity)
             max_len = kv_capacity
         self.max_model_len = max_len
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.pages = PageManager(self.runner.num_pages, config.block_size)
+        self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
         self.lora = LoRAManager(self.model_config, adapters or {}, config.lora_roots, config.max_lora_rank,
-                                config.max_loras, self.runner.device, self.runner.dtype)
+                                config.max_host_adapter_bytes, self.runner.page_size, self.runner.dtype,
+                                pin_memory=self.runner.device.type == "cuda")
         self.eos_token_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
-        self.stats = EngineStats(num_kv_blocks_total=self.runner.num_blocks)
+        self.stats = EngineStats(num_pages_total=self.runner.num_pages)
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.model_config.eos_token_ids)
@@ -103,9 +107,15 @@ class LLMEngine:
                 f"sampling_parameters: max_tokens={params.max_tokens} is beyond the context: the prompt has "
                 f"{len(ids)} tokens and max_model_len is {self.max_model_len}, so at most "
                 f"{self.max_model_len - len(ids)} can be generated")
-        slot = self.lora.acquire(lora_name) if lora_name else -1
+        lora = self.lora.acquire(lora_name) if lora_name else None
         seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params, lora_name=lora_name or None,
-                       lora_slot=slot)
+                       lora=lora)
+        pages_needed = self.pages.blocks_needed(len(ids) + params.max_tokens) + (lora.num_pages if lora else 0)
+        if pages_needed > self.pages.num_pages:
+            self.release(seq)
+            raise InvalidRequestError(
+                f"the request needs {pages_needed} pages of KV cache and adapter weights; the pool has "
+                f"{self.pages.num_pages}: lower sampling_parameters max_tokens or shorten the prompt")
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed)
@@ -137,14 +147,17 @@ class LLMEngine:
 
     # --- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if not batch:
+        plan = self.scheduler.schedule()
+        if not plan.batch:
             return []
-        sampled = self.runner.run(batch, self.blocks, self.lora, self.eos_token_ids)
+        adapters = {item.seq.lora.name: item.seq.lora for item in plan.batch if item.seq.lora is not None}
+        for name, pages in plan.adapter_loads:
+            self.runner.load_adapter(adapters[name], pages)
+        sampled = self.runner.run(plan, self.pages, adapters, self.eos_token_ids)
         now = time.monotonic()
         outputs: list[RequestOutput] = []
         tokens = iter(sampled)
-        for item in batch:
+        for item in plan.batch:
             seq = item.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
                 self.stats.prompt_tokens_total += min(item.num_new_tokens,
@@ -176,13 +189,17 @@ class LLMEngine:
 
     def get_stats(self) -> EngineStats:
         s = self.stats
-        lora = self.lora.stats
         s.num_running, s.num_waiting = len(self.scheduler.running), len(self.scheduler.waiting)
-        s.num_kv_blocks_used = self.blocks.num_used
-        s.num_adapters_loaded = lora.num_loaded
-        s.adapter_loads_total, s.adapter_load_seconds_total = lora.loads_total, lora.load_seconds_total
-        s.adapter_hits_total, s.adapter_misses_total = lora.hits_total, lora.misses_total
-        s.adapter_evictions_total = lora.evictions_total
+        host = self.lora.snapshot()
+        s.num_pages_free = self.pages.num_free
+        s.num_kv_blocks_used = self.pages.num_kv_pages
+        s.num_adapter_pages_used = self.pages.num_adapter_pages
+        s.num_adapters_gpu = len(self.pages.resident_adapters())
+        s.num_adapters_host = host.num_host
+        s.adapter_loads_total, s.adapter_load_seconds_total = host.loads_total, host.load_seconds_total
+        s.adapter_hits_total = self.scheduler.adapter_pool_hits
+        s.adapter_misses_total = self.scheduler.adapter_pool_misses
+        s.adapter_evictions_total = self.pages.num_adapter_evictions
         s.num_preemptions_total = self.scheduler.num_preemptions
         return EngineStats(**vars(s))
 
@@ -230,6 +247,6 @@ class LLMEngine:
 
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's adapter reference (once)."""
-        if seq.lora_slot >= 0:
-            self.lora.release(seq.lora_slot)
-            seq.lora_slot = -2  # released; never release twice
+        if seq.lora is not None and not seq.lora_released:
+            self.lora.release(seq.lora.name)
+            seq.lora_released = True

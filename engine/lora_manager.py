@@ -1,4 +1,5 @@
-"""Which adapters exist (multi_lora.json, adapter roots), which are loaded, and who uses them."""
+"""The host tier of adapters: which exist (multi_lora.json, adapter roots), which are loaded into
+host memory (packed for the pool, pinned on CUDA), LRU within ``max_host_adapter_bytes``."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.adapters import LoRAAdapter, load_adapter
+from engine.adapters import PackedAdapter, load_adapter, pack_adapter
 from engine.config import ModelConfig
 from engine.errors import AdapterNotFoundError, InvalidRequestError
 
@@ -18,7 +19,7 @@ logger = logging.getLogger("multilora")
 
 
 def check_adapter_name(name: str) -> None:
-    """A plain name: no path separators, no '..', no leading dot."""
+    """A plain name: no path separators, no '..', no leading dot, no spaces."""
     if (not name or "/" in name or "\\" in name or ".." in name or name.startswith(".")
             or any(ch.isspace() or ord(ch) < 32 for ch in name)):
         raise InvalidRequestError(
@@ -27,36 +28,37 @@ def check_adapter_name(name: str) -> None:
 
 @dataclass
 class AdapterStats:
-    num_loaded: int = 0
-    loads_total: int = 0
+    num_host: int = 0
+    host_bytes: int = 0
+    loads_total: int = 0  # disk -> host
     load_seconds_total: float = 0.0
-    hits_total: int = 0
-    misses_total: int = 0
-    evictions_total: int = 0
+    host_hits_total: int = 0
+    host_evictions_total: int = 0
 
 
 class LoRAManager:
-    """Loads adapters on first use, keeps up to ``max_loaded`` on the device, LRU among unused ones.
+    """Loads adapters from disk on first use and keeps them packed in host memory.
 
-    ``acquire`` is called from request threads (it may read from disk); ``release`` and ``get``
-    from the engine loop. An adapter that a live request holds is never evicted.
+    ``acquire`` runs in request threads (it may read from disk) and returns the packed adapter
+    with a reference held for the request; ``release`` drops it. An adapter a live request holds
+    is never dropped from host memory.
     """
 
     def __init__(self, model: ModelConfig, known: dict[str, str], roots: list[str], max_lora_rank: int,
-                 max_loaded: int, device: torch.device, dtype: torch.dtype) -> None:
+                 max_host_bytes: int, page_size: int, dtype: torch.dtype, pin_memory: bool) -> None:
         for name in known:
             check_adapter_name(name)
         self.model = model
         self.known = dict(known)
         self.roots = list(roots)
         self.max_lora_rank = max_lora_rank
-        self.max_loaded = max_loaded
-        self.device, self.dtype = device, dtype
+        self.max_host_bytes = max_host_bytes
+        self.page_size = page_size
+        self.dtype = dtype
+        self.pin_memory = pin_memory
         self._lock = threading.Lock()
-        self._by_name: OrderedDict[str, int] = OrderedDict()  # LRU order: oldest first
-        self._slots: dict[int, LoRAAdapter] = {}
-        self._refs: dict[int, int] = {}
-        self._next_slot = 0
+        self._host: OrderedDict[str, PackedAdapter] = OrderedDict()  # LRU: least recent first
+        self._refs: dict[str, int] = {}
         self.stats = AdapterStats()
 
     def resolve(self, name: str) -> str:
@@ -74,58 +76,59 @@ class LoRAManager:
             f"LoRA adapter '{name}' is not known; known adapters: [{shown}]"
             + (f"; adapter roots searched: {self.roots}" if self.roots else ""))
 
-    def acquire(self, name: str) -> int:
-        """Slot of the adapter, loading it if needed; the caller must ``release`` it later."""
+    def acquire(self, name: str) -> PackedAdapter:
         with self._lock:
-            slot = self._by_name.get(name)
-            if slot is not None:
-                self._by_name.move_to_end(name)
-                self._refs[slot] += 1
-                self.stats.hits_total += 1
-                return slot
+            packed = self._host.get(name)
+            if packed is not None:
+                self._host.move_to_end(name)
+                self._refs[name] = self._refs.get(name, 0) + 1
+                self.stats.host_hits_total += 1
+                return packed
         path = self.resolve(name)
         start = time.monotonic()
-        adapter = load_adapter(name, path, self.model, self.max_lora_rank).to(self.device, self.dtype)
+        adapter = load_adapter(name, path, self.model, self.max_lora_rank)
+        packed = pack_adapter(adapter, self.model, self.page_size, self.dtype, self.pin_memory)
         seconds = time.monotonic() - start
         with self._lock:
-            slot = self._by_name.get(name)
-            if slot is not None:  # another thread loaded it meanwhile
-                self._refs[slot] += 1
-                self.stats.hits_total += 1
-                return slot
-            self._evict_to(self.max_loaded - 1)
-            slot = self._next_slot
-            self._next_slot += 1
-            self._by_name[name] = slot
-            self._slots[slot] = adapter
-            self._refs[slot] = 1
-            self.stats.misses_total += 1
-            self.stats.loads_total += 1
-            self.stats.load_seconds_total += seconds
-            self.stats.num_loaded = len(self._slots)
-        logger.info("[multilora] loaded LoRA adapter '%s' (rank %d, %s) in %.3f s",
-                    name, adapter.rank, ",".join(adapter.modules), seconds)
-        return slot
+            if name in self._host:  # another thread loaded it meanwhile
+                packed = self._host[name]
+                self._host.move_to_end(name)
+            else:
+                self._host[name] = packed
+                self.stats.loads_total += 1
+                self.stats.load_seconds_total += seconds
+                logger.info("[multilora] loaded LoRA adapter '%s' (rank %d, %s) from disk in %.3f s",
+                            name, adapter.rank, ",".join(adapter.modules), seconds)
+            self._refs[name] = self._refs.get(name, 0) + 1
+            self._shrink()
+        return packed
 
-    def release(self, slot: int) -> None:
+    def release(self, name: str) -> None:
         with self._lock:
-            self._refs[slot] -= 1
-            assert self._refs[slot] >= 0, "adapter released more often than acquired"
+            count = self._refs.get(name, 0)
+            assert count > 0, f"adapter {name!r} released more often than acquired"
+            if count == 1:
+                del self._refs[name]
+            else:
+                self._refs[name] = count - 1
+            self._shrink()
 
-    def get(self, slot: int) -> LoRAAdapter:
+    def get(self, name: str) -> PackedAdapter:
         with self._lock:
-            return self._slots[slot]
+            return self._host[name]
 
-    def num_referenced(self) -> int:
+    def snapshot(self) -> AdapterStats:
         with self._lock:
-            return sum(1 for r in self._refs.values() if r > 0)
+            self.stats.num_host = len(self._host)
+            self.stats.host_bytes = sum(p.num_bytes for p in self._host.values())
+            return AdapterStats(**vars(self.stats))
 
-    def _evict_to(self, target: int) -> None:
-        # caller holds the lock
-        for name in list(self._by_name):
-            if len(self._slots) <= target:
+    def _shrink(self) -> None:
+        # caller holds the lock: drop unreferenced adapters, least recent first, until within budget
+        total = sum(p.num_bytes for p in self._host.values())
+        for name in list(self._host):
+            if total <= self.max_host_bytes:
                 return
-            slot = self._by_name[name]
-            if self._refs[slot] == 0:
-                del self._by_name[name], self._slots[slot], self._refs[slot]
-                self.stats.evictions_total += 1
+            if not self._refs.get(name):
+                total -= self._host.pop(name).num_bytes
+                self.stats.host_evictions_total += 1

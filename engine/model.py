@@ -39,9 +39,10 @@ class Transformer:
         self.scale = config.head_dim ** -0.5
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attn: AttentionMetadata, lora: LoRABatch,
-                kv_cache: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
-        """input_ids: [T]; kv_cache: [L, 2, NB, BS, KVH, D]; logits_indices: [N] -> logits [N, V] float32."""
+    def forward(self, input_ids: torch.Tensor, attn: AttentionMetadata, lora: LoRABatch, pool: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logits_indices: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T]; pool: [P, L, PAGE] unified page pool; kv_caches: per layer (K, V) views of
+        it, each [P, BS, KVH, D]; logits_indices: [N] -> logits [N, V] float32."""
         c, w = self.config, self.w
         num_tokens = input_ids.shape[0]
         hidden = w["embed"].index_select(0, input_ids)  # [T, H]
@@ -51,24 +52,25 @@ class Transformer:
             hidden, residual = ops.add_rms_norm(hidden, residual, w[f"{i}.input_norm"], c.rms_norm_eps)
             # attention block
             qkv = ops.linear(hidden, w[f"{i}.qkv"], w.get(f"{i}.qkv_bias"))  # [T, q + 2kv]
-            lora.apply(qkv, hidden, i, ("q_proj", "k_proj", "v_proj"), (0, self.q_size, self.q_size + self.kv_size))
+            lora.apply(qkv, hidden, pool, i, "qkv")
             q = qkv[:, :self.q_size].view(num_tokens, c.num_heads, c.head_dim)
             k = qkv[:, self.q_size:self.q_size + self.kv_size].view(num_tokens, c.num_kv_heads, c.head_dim)
             v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, c.num_kv_heads, c.head_dim)
             q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
-            ops.write_kv(k, v, kv_cache[i, 0], kv_cache[i, 1], attn.slot_mapping)
-            out = ops.attention(q, kv_cache[i, 0], kv_cache[i, 1], attn, self.scale, c.sliding_window)
+            k_cache, v_cache = kv_caches[i]
+            ops.write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+            out = ops.attention(q, k_cache, v_cache, attn, self.scale, c.sliding_window)
             out = out.reshape(num_tokens, self.q_size)
             o = ops.linear(out, w[f"{i}.o"], w.get(f"{i}.o_bias"))
-            lora.apply(o, out, i, ("o_proj",), (0,))
+            lora.apply(o, out, pool, i, "o")
             hidden, residual = ops.add_rms_norm(o, residual, w[f"{i}.post_norm"], c.rms_norm_eps)
             # MLP block
             gate_up = ops.linear(hidden, w[f"{i}.gate_up"], w.get(f"{i}.gate_up_bias"))  # [T, 2I]
-            lora.apply(gate_up, hidden, i, ("gate_proj", "up_proj"), (0, c.intermediate_size))
+            lora.apply(gate_up, hidden, pool, i, "gate_up")
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
             down = ops.linear(act, w[f"{i}.down"], w.get(f"{i}.down_bias"))
-            lora.apply(down, act, i, ("down_proj",), (0,))
+            lora.apply(down, act, pool, i, "down")
             hidden = down
         hidden, _ = ops.add_rms_norm(hidden, residual, w["norm"], c.rms_norm_eps)
         hidden = hidden.index_select(0, logits_indices)

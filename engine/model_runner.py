@@ -1,22 +1,23 @@
-"""Loads the model and KV cache, and runs one scheduled step: tensors in, sampled tokens out."""
+"""Owns the weights and the unified page pool on the device, and runs one scheduled step."""
 from __future__ import annotations
 
 import logging
 
 import torch
 
-from engine.block_manager import BlockManager
+from engine.adapters import PackedAdapter
 from engine.checkpoint import load_weights
 from engine.config import EngineConfig, ModelConfig
 from engine.lora_batch import LoRABatch
-from engine.lora_manager import LoRAManager
 from engine.model import AttentionMetadata, Transformer
+from engine.page_manager import PageManager
 from engine.sampler import sample
-from engine.scheduler import ScheduledSeq
+from engine.scheduler import StepPlan
 
 logger = logging.getLogger("multilora")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CPU_DEFAULT_POOL_BYTES = 256 << 20
 
 
 def pick_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
@@ -34,57 +35,101 @@ class ModelRunner:
         self.device, self.dtype = pick_device_dtype(config)
         weights = load_weights(config.model, model_config, self.dtype, self.device)
         self.model = Transformer(model_config, weights, max_model_len)
-        self.block_size = config.block_size
-        self.num_blocks = self._num_kv_blocks()
         c = model_config
-        # [L, 2 (K, V), NB, BS, KVH, D]
-        self.kv_cache = torch.zeros(c.num_layers, 2, self.num_blocks, self.block_size, c.num_kv_heads,
-                                    c.head_dim, dtype=self.dtype, device=self.device)
+        self.block_size = config.block_size
+        # one page = one KV block (K and V, block_size tokens) per layer
+        self.page_size = 2 * self.block_size * c.num_kv_heads * c.head_dim
+        self.num_pages = self._num_pages()
+        self.pool = torch.zeros(self.num_pages, c.num_layers, self.page_size, dtype=self.dtype, device=self.device)
+        self.kv_caches = self._kv_views(self.pool)
+        self.out_sizes = {m: n_out for m, (_, n_out) in c.projection_shapes().items()}
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
-        logger.info("[multilora] model %s on %s/%s, %d KV blocks of %d tokens",
-                    model_config.architecture, self.device, self.dtype, self.num_blocks, self.block_size)
+        logger.info("[multilora] %s on %s/%s: pool of %d pages x %.2f MiB (%d tokens of KV each)",
+                    c.architecture, self.device, self.dtype, self.num_pages, self.page_bytes / 2**20,
+                    self.block_size)
 
-    def kv_block_bytes(self) -> int:
+    @property
+    def page_bytes(self) -> int:
+        return self.model_config.num_layers * self.page_size * self.dtype.itemsize
+
+    def _kv_views(self, pool: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         c = self.model_config
-        return c.num_layers * 2 * self.block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        views = []
+        for layer in range(c.num_layers):
+            kv = pool[:, layer].view(pool.shape[0], 2, self.block_size, c.num_kv_heads, c.head_dim)
+            views.append((kv[:, 0], kv[:, 1]))  # each [P, BS, KVH, D], page stride L * PAGE
+        return views
 
-    def _num_kv_blocks(self) -> int:
-        if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
-        if self.config.kv_cache_memory_bytes is not None:
-            budget = self.config.kv_cache_memory_bytes
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            used = total - free
-            # leave room for activations: a rough bound until the memory issue measures the peak
-            budget = int(total * self.config.gpu_memory_utilization) - used - (1 << 30)
-        else:
-            budget = 256 << 20  # CPU: 256 MiB of KV unless told otherwise
-        return max(1, budget // self.kv_block_bytes())
+    def _num_pages(self) -> int:
+        cfg = self.config
+        if cfg.num_pages is not None:
+            return cfg.num_pages
+        if cfg.pool_memory_bytes is not None:
+            return max(1, cfg.pool_memory_bytes // self.page_bytes)
+        if self.device.type != "cuda":
+            return max(1, CPU_DEFAULT_POOL_BYTES // self.page_bytes)
+        peak = self._profile_peak_bytes()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        budget = int(total * cfg.gpu_memory_utilization) - peak
+        if budget < self.page_bytes:
+            raise RuntimeError(f"no GPU memory left for the page pool: weights and activations take "
+                               f"{peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB; raise gpu_memory_utilization")
+        return budget // self.page_bytes
 
-    def run(self, batch: list[ScheduledSeq], blocks: BlockManager, lora: LoRAManager,
+    def _profile_peak_bytes(self) -> int:
+        """Peak memory of a forward pass over max_num_batched_tokens tokens, on a scratch pool."""
+        c, cfg = self.model_config, self.config
+        num_tokens = cfg.max_num_batched_tokens
+        blocks = -(-num_tokens // self.block_size)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        scratch = torch.zeros(blocks, c.num_layers, self.page_size, dtype=self.dtype, device=self.device)
+        attn = AttentionMetadata(
+            positions=torch.arange(num_tokens, device=self.device) % c.max_position_embeddings,
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device)[None],
+            max_query_len=num_tokens)
+        lora = LoRABatch([], {}, {}, {}, self.device)
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        self.model.forward(ids, attn, lora, scratch, self._kv_views(scratch),
+                           torch.arange(min(num_tokens, cfg.max_num_seqs), device=self.device))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
+        del scratch
+        torch.cuda.empty_cache()
+        return peak
+
+    def load_adapter(self, packed: PackedAdapter, pages: list[int]) -> None:
+        """Copy an adapter from host memory into its pool pages."""
+        n, L = packed.num_pages, self.model_config.num_layers
+        data = packed.data.view(L, n, self.page_size).transpose(0, 1)  # [n, L, PAGE]
+        index = torch.tensor(pages, dtype=torch.int64, device=self.device)
+        self.pool.index_copy_(0, index, data.to(self.device, non_blocking=True))
+
+    def run(self, plan: StepPlan, pages: PageManager, adapters: dict[str, PackedAdapter],
             eos_token_ids: tuple[int, ...]) -> list[int]:
         """Run one step; returns the sampled token of each sequence that samples, in batch order."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        token_lora: list[int] = []
+        token_adapters: list[str | None] = []
         query_start = [0]
         seq_lens: list[int] = []
         tables: list[list[int]] = []
         logits_indices: list[int] = []
         sampling_seqs = []
         bs = self.block_size
-        for item in batch:
+        for item in plan.batch:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
-            table = blocks.table(seq.request_id)
-            tokens = seq.all_token_ids[start:start + n]
-            input_ids.extend(tokens)
+            table = pages.table(seq.request_id)
+            input_ids.extend(seq.all_token_ids[start:start + n])
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            token_lora.extend([seq.lora_slot] * n)
+            token_adapters.extend([seq.lora.name if seq.lora is not None else None] * n)
             query_start.append(query_start[-1] + n)
             seq_lens.append(start + n)
             tables.append(table)
@@ -92,20 +137,20 @@ class ModelRunner:
                 logits_indices.append(query_start[-1] - 1)
                 sampling_seqs.append(seq)
         max_blocks = max(len(t) for t in tables)
-        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
         dev = self.device
         attn = AttentionMetadata(
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            max_query_len=max(item.num_new_tokens for item in batch),
+            block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32,
+                                      device=dev),
+            max_query_len=max(item.num_new_tokens for item in plan.batch),
         )
-        adapters = {slot: lora.get(slot) for slot in set(token_lora) if slot >= 0}
-        lora_batch = LoRABatch(token_lora, adapters, dev)
-        logits = self.model.forward(torch.tensor(input_ids, dtype=torch.int64, device=dev), attn, lora_batch,
-                                    self.kv_cache, torch.tensor(logits_indices, dtype=torch.int64, device=dev))
+        in_step = {name: adapters[name] for name in set(token_adapters) if name is not None}
+        lora = LoRABatch(token_adapters, in_step, {n: pages.adapter_pages(n) for n in in_step}, self.out_sizes, dev)
+        logits = self.model.forward(torch.tensor(input_ids, dtype=torch.int64, device=dev), attn, lora, self.pool,
+                                    self.kv_caches, torch.tensor(logits_indices, dtype=torch.int64, device=dev))
         if not sampling_seqs:
             return []
         return sample(logits, sampling_seqs, eos_token_ids, self.generator)

@@ -41,7 +41,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, att
                                      attn.query_start_loc, scale, sliding_window)
 
 
-def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor,
-                       groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]], y_offset: int) -> None:
-    """y[:, y_offset:] += scale * (x A^T) B^T per group of tokens sharing an adapter (SGMV/BGMV)."""
-    reference.lora_shrink_expand(y, x, groups, y_offset)
+def lora_shrink(x, pool, layer, token_slots, page_tables, ranks, a_offsets, z) -> None:
+    """z[t, p, :r] = x[t] A_p^T through the adapters' page tables (BGMV/SGMV shrink)."""
+    reference.lora_shrink(x, pool, layer, token_slots, page_tables, ranks, a_offsets, z)
+
+
+def lora_expand(z, pool, layer, token_slots, page_tables, ranks, b_offsets, scales, y, out_offsets, out_sizes) -> None:
+    """y[t, off_p:off_p+N_p] += scale_p z[t, p, :r] B_p^T through the page tables (expand)."""
+    reference.lora_expand(z, pool, layer, token_slots, page_tables, ranks, b_offsets, scales, y, out_offsets,
+                          out_sizes)

@@ -1,10 +1,11 @@
-"""Iteration-level scheduling: which sequences run this step, and how many tokens each."""
+"""Iteration-level scheduling over the unified page pool: which sequences run this step, how many
+tokens each, and which adapters must be copied into the pool first."""
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
+from engine.page_manager import PageManager
 from engine.sequence import Sequence, Status
 
 
@@ -19,22 +20,31 @@ class ScheduledSeq:
         return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
 
 
-class Scheduler:
-    """Continuous batching with chunked prefill and preemption by recomputation.
+@dataclass
+class StepPlan:
+    batch: list[ScheduledSeq] = field(default_factory=list)
+    adapter_loads: list[tuple[str, list[int]]] = field(default_factory=list)  # (name, pages) to fill
 
-    Each step: every running sequence gets its next token (decode) or its next prompt chunk,
-    then waiting sequences are admitted in arrival order while the token budget, the sequence
-    limit and the KV blocks allow. When a running sequence needs a block and none is free, the
-    newest running sequence is preempted: its blocks are freed and it is recomputed later.
+
+class Scheduler:
+    """Continuous batching with chunked prefill, adapter residency and preemption by recomputation.
+
+    Each step: every running sequence gets its next token (decode) or next prompt chunk; then
+    waiting sequences are admitted in arrival order while the token budget, the sequence limit
+    and the pool allow both their KV blocks and, if not resident, their adapter's pages. Space is
+    found by evicting idle adapters (LRU) first; when a running sequence still cannot grow, the
+    newest running sequence is preempted (its KV freed, recomputed later).
     """
 
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
-        self.blocks = blocks
+    def __init__(self, pages: PageManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.pages = pages
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.adapter_pool_hits = 0
+        self.adapter_pool_misses = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -43,49 +53,64 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def remove(self, seq: Sequence) -> None:
-        """Take a sequence out (finished or aborted) and free its blocks."""
+        """Take a sequence out (finished or aborted), free its KV and unpin its adapter."""
         if seq in self.running:
             self.running.remove(seq)
+            if seq.lora is not None:
+                self.pages.unpin(seq.lora.name)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq.request_id)
+        self.pages.free_seq(seq.request_id)
 
-    def schedule(self) -> list[ScheduledSeq]:
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
         budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledSeq] = []
-        # running sequences first, oldest first
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.blocks.can_allocate(seq.num_computed_tokens + num_new, seq.request_id):
+            while not self.pages.reserve(self.pages.extra_blocks(seq.request_id, seq.num_computed_tokens + num_new)):
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
-            if seq.status != Status.RUNNING:  # preempted itself
+            if seq.status != Status.RUNNING:  # it preempted itself
                 break
-            self.blocks.allocate(seq.request_id, seq.num_computed_tokens + num_new)
-            scheduled.append(ScheduledSeq(seq, num_new))
+            self.pages.grow(seq.request_id, seq.num_computed_tokens + num_new)
+            plan.batch.append(ScheduledSeq(seq, num_new))
             budget -= num_new
             i += 1
-        # then admit waiting sequences
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.can_allocate(seq.num_computed_tokens + num_new, seq.request_id):
+            need = self.pages.extra_blocks(seq.request_id, seq.num_computed_tokens + num_new)
+            lora = seq.lora
+            load = lora is not None and not self.pages.is_resident(lora.name)
+            if lora is not None and not load:
+                self.pages.pin(lora.name)  # first, so its own pages do not count as evictable
+            if not self.pages.can_reserve(need + (lora.num_pages if load else 0)):
+                if lora is not None and not load:
+                    self.pages.unpin(lora.name)
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq.request_id, seq.num_computed_tokens + num_new)
+            if load:
+                plan.adapter_loads.append((lora.name, self.pages.add_adapter(lora.name, lora.num_pages)))
+                self.pages.pin(lora.name)
+                self.adapter_pool_misses += 1
+            elif lora is not None:
+                self.adapter_pool_hits += 1
+            self.pages.grow(seq.request_id, seq.num_computed_tokens + num_new)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, num_new))
+            plan.batch.append(ScheduledSeq(seq, num_new))
             budget -= num_new
-        return scheduled
+        return plan
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.free(seq.request_id)
+        if seq.lora is not None:
+            self.pages.unpin(seq.lora.name)
+        self.pages.free_seq(seq.request_id)
         seq.status = Status.WAITING
         seq.num_computed_tokens = 0
         self.waiting.appendleft(seq)

@@ -23,7 +23,8 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     lora_name: str | None = None
-    lora_slot: int = -1  # -1: base model
+    lora: Any = None  # PackedAdapter held for this request (host tier), None for the base model
+    lora_released: bool = False
     status: Status = Status.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache

@@ -78,15 +78,60 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, token_groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]],
-                       y_offset: int) -> None:
-    """y[:, y_offset:y_offset+N] += scale * (x A^T) B^T for each group of tokens sharing an adapter.
+def read_paged(pool: torch.Tensor, layer: int, page_table: torch.Tensor, offset: int, num_elements: int) -> torch.Tensor:
+    """Elements [offset, offset + num_elements) of an adapter's virtual space in ``layer``.
 
-    y: [T, N_total]; x: [T, K]; token_groups: (token_indices [t], A [r, K], B [N, r], scale) per
-    adapter present in the step (tokens without an adapter are in no group). Ranks differ per group.
+    pool: [P, L, PAGE]; page_table: [MP] int, the adapter's pages in order. Virtual element v of
+    layer l lives at pool[page_table[v // PAGE], l, v % PAGE].
     """
-    for token_indices, lora_a, lora_b, scale in token_groups:
-        xs = x.index_select(0, token_indices)
-        delta = (xs @ lora_a.t()) @ lora_b.t() * scale  # [t, N]
-        n = lora_b.shape[0]
-        y[:, y_offset:y_offset + n].index_add_(0, token_indices, delta.to(y.dtype))
+    page_size = pool.shape[2]
+    v = torch.arange(offset, offset + num_elements, device=pool.device)
+    pages = page_table.long()[v // page_size]
+    return pool[pages, layer, v % page_size]
+
+
+def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: torch.Tensor,
+                page_tables: torch.Tensor, ranks: torch.Tensor, a_offsets: torch.Tensor,
+                z: torch.Tensor) -> None:
+    """z[t, p, :r] = x[t] A_p^T for each token's adapter and each of NPROJ projections.
+
+    x: [T, K]; pool: [P, L, PAGE]; token_slots: [T] int32 adapter slot per token, -1 = none;
+    page_tables: [NS, MP] int32; ranks: [NS, NPROJ] int32 (0 = module not in the adapter);
+    a_offsets: [NS, NPROJ] int64, virtual offset of A_p ([r, K], row-major) in the slot's space;
+    z: [T, NPROJ, R_MAX] float32, written for every token with an adapter (zeros past r).
+    """
+    num_proj, k_dim = z.shape[1], x.shape[1]
+    for slot in token_slots.unique().tolist():
+        if slot < 0:
+            continue
+        tokens = (token_slots == slot).nonzero().flatten()
+        xs = x.index_select(0, tokens).float()
+        for p in range(num_proj):
+            r = int(ranks[slot, p])
+            z[tokens, p] = 0.0
+            if r == 0:
+                continue
+            a = read_paged(pool, layer, page_tables[slot], int(a_offsets[slot, p]), r * k_dim).view(r, k_dim)
+            z[tokens, p, :r] = xs @ a.float().t()
+
+
+def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: torch.Tensor,
+                page_tables: torch.Tensor, ranks: torch.Tensor, b_offsets: torch.Tensor, scales: torch.Tensor,
+                y: torch.Tensor, out_offsets: list[int], out_sizes: list[int]) -> None:
+    """y[t, off_p : off_p + N_p] += scale_p * z[t, p, :r] B_p^T, in place.
+
+    z: [T, NPROJ, R_MAX] float32 from lora_shrink; b_offsets: [NS, NPROJ] int64, virtual offset of
+    B_p^T ([r, N_p], row-major: rank row j holds column j of PEFT's lora_B); scales: [NS, NPROJ]
+    float32; y: [T, N_total]; out_offsets/out_sizes: where each projection's output sits in y.
+    """
+    for slot in token_slots.unique().tolist():
+        if slot < 0:
+            continue
+        tokens = (token_slots == slot).nonzero().flatten()
+        for p, (off, n) in enumerate(zip(out_offsets, out_sizes)):
+            r = int(ranks[slot, p])
+            if r == 0:
+                continue
+            bt = read_paged(pool, layer, page_tables[slot], int(b_offsets[slot, p]), r * n).view(r, n)
+            delta = (z[tokens, p, :r] @ bt.float()) * float(scales[slot, p])
+            y[tokens, off:off + n] += delta.to(y.dtype)

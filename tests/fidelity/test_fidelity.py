@@ -51,7 +51,7 @@ def test_mixed_batch_matches_peft_alone(model_set, reference):
     """Base-model and five adapters (ranks 1-16, different modules) in one continuous batch,
     arriving at different steps, each equal to HF + PEFT run on that prompt alone."""
     base, adapters = model_set
-    engine = LLMEngine(EngineConfig(model=base, num_kv_blocks=128, block_size=4), adapters)
+    engine = LLMEngine(EngineConfig(model=base, num_pages=128, block_size=4), adapters)
     names = [None] + list(adapters)
     prompts = random_prompts(12, seed=1)
     lora_names = [names[i % len(names)] for i in range(len(prompts))]
@@ -70,13 +70,13 @@ def test_mixed_batch_matches_peft_alone(model_set, reference):
     for i, (prompt, name) in enumerate(zip(prompts, lora_names)):
         expected = reference.generate([prompt], [name])[0]
         assert results[str(i)] == expected, f"prompt {i} with adapter {name}"
-    assert engine.blocks.num_used == 0
+    assert engine.pages.num_kv_pages == 0
 
 
 def test_mixed_adapter_names_batch(model_set, reference):
     """HF's own mixed-adapter batch (adapter_names=[...]) agrees with the engine's batch."""
     base, adapters = model_set
-    llm = LLM(model=base, adapters=adapters, num_kv_blocks=128)
+    llm = LLM(model=base, adapters=adapters, num_pages=128)
     prompts = random_prompts(6, seed=2, min_len=17, max_len=18)
     names = [None] + list(adapters)
     expected = reference.generate(prompts, names)
@@ -89,7 +89,7 @@ def test_no_adapter_leaks_between_requests(model_set):
     """The same prompt for every adapter in one batch equals each adapter run alone, and the
     adapters really differ from each other."""
     base, adapters = model_set
-    llm = LLM(model=base, adapters=adapters, num_kv_blocks=128)
+    llm = LLM(model=base, adapters=adapters, num_pages=128)
     prompt = random_prompts(1, seed=3)[0]
     names = [None] + list(adapters)
     together = [o.token_ids for o in llm.generate([prompt] * len(names), GREEDY, lora_names=names)]
@@ -98,25 +98,46 @@ def test_no_adapter_leaks_between_requests(model_set):
     assert len({tuple(t) for t in together}) == len(names)
 
 
+def run_all(base, adapters, prompts, names, **engine_args):
+    llm = LLM(model=base, adapters=adapters, **engine_args)
+    return llm, [o.token_ids for o in llm.generate(prompts, GREEDY, lora_names=names)]
+
+
 def test_preemption_and_chunked_prefill_keep_outputs(model_set):
-    """A KV cache too small for all requests at once (preemption by recomputation) and a token
-    budget smaller than the prompts (chunked prefill) change nothing in the outputs."""
+    """A pool too small for all requests at once (preemption by recomputation) and a token budget
+    smaller than the prompts (chunked prefill) change nothing in the outputs."""
     base, adapters = model_set
     prompts = random_prompts(8, seed=4, min_len=20, max_len=40)
-    names = [None] + list(adapters)
-    names = [names[i % len(names)] for i in range(len(prompts))]
-    roomy = LLM(model=base, adapters=adapters, num_kv_blocks=256)
-    expected = [o.token_ids for o in roomy.generate(prompts, GREEDY, lora_names=names)]
-    tight = LLM(model=base, adapters=adapters, num_kv_blocks=24, block_size=4, max_num_batched_tokens=16)
-    got = [o.token_ids for o in tight.generate(prompts, GREEDY, lora_names=names)]
+    names = [[None, "r1_qv", "r4_attn"][i % 3] for i in range(len(prompts))]
+    _, expected = run_all(base, adapters, prompts, names, num_pages=256)
+    tight, got = run_all(base, adapters, prompts, names, num_pages=16, block_size=8, max_num_batched_tokens=24)
     assert got == expected
     assert tight.engine.scheduler.num_preemptions > 0
-    assert tight.engine.blocks.num_used == 0
+    assert tight.engine.pages.num_kv_pages == 0
+    tight.engine.pages.check_invariants()
+
+
+def test_adapter_eviction_keeps_outputs(model_set):
+    """More adapters than the pool holds next to the KV: idle adapters are evicted and copied in
+    again when needed, and every output stays the same."""
+    base, adapters = model_set
+    prompts = random_prompts(12, seed=7, min_len=5, max_len=30)
+    names = [list(adapters)[i % len(adapters)] for i in range(len(prompts))]
+    _, expected = run_all(base, adapters, prompts, names, num_pages=512)
+    # room for the largest adapter and two requests' KV, not for all adapters at once
+    largest = max(p.num_pages for p in (LLMEngine(EngineConfig(model=base, block_size=8, num_pages=1), adapters)
+                                        .lora.acquire(n) for n in adapters))
+    tight, got = run_all(base, adapters, prompts, names, num_pages=largest + 10, block_size=8, max_num_seqs=2)
+    assert got == expected
+    assert tight.engine.pages.num_adapter_evictions > 0
+    assert tight.engine.scheduler.adapter_pool_misses > len(adapters)
+    assert tight.engine.pages.num_kv_pages == 0
+    tight.engine.pages.check_invariants()
 
 
 def test_seeded_sampling_is_independent_of_the_batch(model_set):
     base, adapters = model_set
-    llm = LLM(model=base, adapters=adapters, num_kv_blocks=128)
+    llm = LLM(model=base, adapters=adapters, num_pages=128)
     prompt = random_prompts(1, seed=5)[0]
     name = list(adapters)[2]
     seeded = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)

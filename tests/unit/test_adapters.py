@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.adapters import load_adapter
+from engine.adapters import load_adapter, pack_adapter
 from engine.config import ModelConfig
 from engine.errors import AdapterLoadError, AdapterNotFoundError, InvalidRequestError
 from engine.lora_manager import LoRAManager, check_adapter_name
@@ -103,13 +103,33 @@ def test_manager_resolves_roots_refcounts_and_evicts(tmp_path, base_and_adapter)
     root = tmp_path / "root"
     for name in ("x", "y", "z"):
         shutil.copytree(good, root / name)
-    mgr = LoRAManager(ModelConfig.from_dir(base), {"good": good}, [str(root)], 64, max_loaded=2,
-                      device=torch.device("cpu"), dtype=torch.float32)
+    model = ModelConfig.from_dir(base)
+    probe = LoRAManager(model, {}, [str(root)], 64, 1 << 30, page_size=512, dtype=torch.float32, pin_memory=False)
+    one = probe.acquire("x").num_bytes
+    mgr = LoRAManager(model, {"good": good}, [str(root)], 64, max_host_bytes=2 * one, page_size=512,
+                      dtype=torch.float32, pin_memory=False)
     with pytest.raises(AdapterNotFoundError, match="'nope' is not known.*good"):
         mgr.acquire("nope")
-    sx = mgr.acquire("x")
-    sy = mgr.acquire("y")
-    mgr.release(sy)
-    mgr.acquire("z")  # evicts y (unreferenced), never x (held)
-    assert mgr.stats.evictions_total == 1 and mgr.get(sx).name == "x"
-    assert mgr.acquire("x") == sx and mgr.stats.hits_total == 1
+    x = mgr.acquire("x")
+    mgr.acquire("y")
+    mgr.release("y")
+    mgr.acquire("z")  # over budget: evicts y (unreferenced), never x (held)
+    stats = mgr.snapshot()
+    assert stats.host_evictions_total == 1 and stats.num_host == 2
+    assert mgr.acquire("x") is x and mgr.snapshot().host_hits_total == 1
+
+
+def test_packing_is_rank_exact(base_and_adapter):
+    """Pages in proportion to rank and modules: at most one partly filled page per adapter."""
+    base, good = base_and_adapter
+    model = ModelConfig.from_dir(base)
+    adapter = load_adapter("good", good, model, 64)
+    packed = pack_adapter(adapter, model, page_size=512, dtype=torch.float32)
+    shapes = model.projection_shapes()
+    exact = sum(8 * (shapes[m][0] + shapes[m][1]) for m in ("q_proj", "down_proj"))
+    assert packed.num_pages == -(-exact // 512)
+    assert packed.ranks["q_proj"] == 8 and packed.ranks["k_proj"] == 0
+    a, b, _ = adapter.weights[1]["down_proj"]
+    off = packed.b_offsets["down_proj"]
+    n_out = shapes["down_proj"][1]
+    assert torch.equal(packed.data[1, off:off + 8 * n_out].view(8, n_out), b.t())

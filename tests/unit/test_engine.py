@@ -24,7 +24,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(base):
-    return LLM(model=base, num_kv_blocks=64)
+    return LLM(model=base, num_pages=64)
 
 
 def free_run(llm, n=20):
@@ -89,7 +89,7 @@ def test_prompt_and_max_tokens_limits(llm):
 
 def test_async_engine_streams_deltas_and_aborts(base, tmp_path):
     adapter = write_adapter(str(tmp_path / "a"), base, 4, ["q_proj"], seed=3)
-    engine = AsyncEngine(EngineConfig(model=base, num_kv_blocks=64), {"a": adapter})
+    engine = AsyncEngine(EngineConfig(model=base, num_pages=64), {"a": adapter})
     engine.start()
     try:
         done = threading.Event()
@@ -137,7 +137,7 @@ def test_sharded_checkpoint_loads_the_same(base, tmp_path, llm):
     for name in os.listdir(base):
         if name.startswith("tokenizer") or name == "special_tokens_map.json":
             shutil.copy(os.path.join(base, name), sharded)
-    out = LLM(model=sharded, num_kv_blocks=64).generate(
+    out = LLM(model=sharded, num_pages=64).generate(
         [PROMPT], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
     assert out.token_ids == free_run(llm).token_ids
 
