@@ -39,6 +39,7 @@ class EngineStats:
     adapter_hits_total: int = 0  # admitted with the adapter already in the pool
     adapter_misses_total: int = 0  # admitted after copying the adapter into the pool
     adapter_evictions_total: int = 0  # evicted from the pool
+    adapter_prefetches_total: int = 0  # copied into the pool ahead of admission
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     num_preemptions_total: int = 0
@@ -70,6 +71,7 @@ class LLMEngine:
                                 pin_memory=self.runner.device.type == "cuda")
         self.eos_token_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
+        self._inflight: dict[str, tuple] = {}  # adapter prefetches in flight: name -> (event, staging)
         self.stats = EngineStats(num_pages_total=self.runner.num_pages)
 
     def _eos_ids(self) -> tuple[int, ...]:
@@ -147,13 +149,16 @@ class LLMEngine:
 
     # --- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self._poll_prefetches()
         plan = self.scheduler.schedule()
         if not plan.batch:
+            self._prefetch()
             return []
         adapters = {item.seq.lora.name: item.seq.lora for item in plan.batch if item.seq.lora is not None}
         for name, pages in plan.adapter_loads:
             self.runner.load_adapter(adapters[name], pages)
         sampled = self.runner.run(plan, self.pages, adapters, self.eos_token_ids)
+        self._prefetch()
         now = time.monotonic()
         outputs: list[RequestOutput] = []
         tokens = iter(sampled)
@@ -175,6 +180,22 @@ class LLMEngine:
             outputs.append(self._delta(seq, flush=seq.is_finished))
         self.stats.steps_total += 1
         return outputs
+
+    def _prefetch(self) -> None:
+        """Start copying the adapters of waiting requests into free pool pages (side stream on CUDA)."""
+        waiting = {seq.lora.name: seq.lora for seq in self.scheduler.waiting if seq.lora is not None}
+        for name, pages in self.scheduler.plan_prefetch():
+            handle = self.runner.load_adapter(waiting[name], pages, prefetch=True)
+            if handle is None:
+                self.scheduler.finish_loading(name)
+            else:
+                self._inflight[name] = handle
+
+    def _poll_prefetches(self) -> None:
+        for name, (event, _staging) in list(self._inflight.items()):
+            if event.query():
+                del self._inflight[name]
+                self.scheduler.finish_loading(name)
 
     def fail_all(self, error: Exception) -> list[RequestOutput]:
         """End every live request with ``error`` (after an unexpected failure of a step)."""
@@ -200,6 +221,7 @@ class LLMEngine:
         s.adapter_hits_total = self.scheduler.adapter_pool_hits
         s.adapter_misses_total = self.scheduler.adapter_pool_misses
         s.adapter_evictions_total = self.pages.num_adapter_evictions
+        s.adapter_prefetches_total = self.scheduler.adapter_prefetches
         s.num_preemptions_total = self.scheduler.num_preemptions
         return EngineStats(**vars(s))
 

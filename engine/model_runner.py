@@ -43,6 +43,7 @@ class ModelRunner:
         self.pool = torch.zeros(self.num_pages, c.num_layers, self.page_size, dtype=self.dtype, device=self.device)
         self.kv_caches = self._kv_views(self.pool)
         self.out_sizes = {m: n_out for m, (_, n_out) in c.projection_shapes().items()}
+        self.copy_stream = None  # side stream for adapter prefetch, made on first use
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         logger.info("[multilora] %s on %s/%s: pool of %d pages x %.2f MiB (%d tokens of KV each)",
@@ -102,12 +103,28 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return peak
 
-    def load_adapter(self, packed: PackedAdapter, pages: list[int]) -> None:
-        """Copy an adapter from host memory into its pool pages."""
+    def load_adapter(self, packed: PackedAdapter, pages: list[int], prefetch: bool = False):
+        """Copy an adapter from host memory into its pool pages.
+
+        With ``prefetch`` on CUDA the copy runs on a side stream and this returns an event to poll
+        (the caller keeps the returned handle alive until the event completes); otherwise the copy
+        is ordered on the current stream and None is returned.
+        """
         n, L = packed.num_pages, self.model_config.num_layers
         data = packed.data.view(L, n, self.page_size).transpose(0, 1)  # [n, L, PAGE]
-        index = torch.tensor(pages, dtype=torch.int64, device=self.device)
-        self.pool.index_copy_(0, index, data.to(self.device, non_blocking=True))
+        index = torch.tensor(pages, dtype=torch.int64)
+        if not prefetch or self.device.type != "cuda":
+            self.pool.index_copy_(0, index.to(self.device), data.to(self.device, non_blocking=True))
+            return None
+        if self.copy_stream is None:
+            self.copy_stream = torch.cuda.Stream(self.device)
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # pages' last readers first
+        with torch.cuda.stream(self.copy_stream):
+            staging = data.to(self.device, non_blocking=True)
+            self.pool.index_copy_(0, index.to(self.device, non_blocking=True), staging)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return event, staging
 
     def run(self, plan: StepPlan, pages: PageManager, adapters: dict[str, PackedAdapter],
             eos_token_ids: tuple[int, ...]) -> list[int]:

@@ -45,6 +45,8 @@ class Scheduler:
         self.num_preemptions = 0
         self.adapter_pool_hits = 0
         self.adapter_pool_misses = 0
+        self.adapter_prefetches = 0
+        self.loading: set[str] = set()  # adapters being copied into the pool by prefetch
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -80,11 +82,15 @@ class Scheduler:
             plan.batch.append(ScheduledSeq(seq, num_new))
             budget -= num_new
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        index = 0
+        while index < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[index]
+            lora = seq.lora
+            if lora is not None and lora.name in self.loading:
+                index += 1  # its adapter is still being copied in; later requests may pass it
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self.pages.extra_blocks(seq.request_id, seq.num_computed_tokens + num_new)
-            lora = seq.lora
             load = lora is not None and not self.pages.is_resident(lora.name)
             if lora is not None and not load:
                 self.pages.pin(lora.name)  # first, so its own pages do not count as evictable
@@ -92,7 +98,7 @@ class Scheduler:
                 if lora is not None and not load:
                     self.pages.unpin(lora.name)
                 break
-            self.waiting.popleft()
+            del self.waiting[index]
             if load:
                 plan.adapter_loads.append((lora.name, self.pages.add_adapter(lora.name, lora.num_pages)))
                 self.pages.pin(lora.name)
@@ -105,6 +111,28 @@ class Scheduler:
             plan.batch.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return plan
+
+    def plan_prefetch(self, lookahead: int = 32) -> list[tuple[str, list[int]]]:
+        """Pages for the adapters of the next waiting requests that are not resident, taken only
+        from free pages (never by eviction), leaving one free page per running sequence for its
+        next KV block. Each stays pinned until ``finish_loading``."""
+        loads = []
+        for seq in list(self.waiting)[:lookahead]:
+            lora = seq.lora
+            if lora is None or self.pages.is_resident(lora.name):
+                continue
+            if self.pages.num_free - len(self.running) < lora.num_pages:
+                break
+            pages = self.pages.add_adapter(lora.name, lora.num_pages)
+            self.pages.pin(lora.name)
+            self.loading.add(lora.name)
+            self.adapter_prefetches += 1
+            loads.append((lora.name, pages))
+        return loads
+
+    def finish_loading(self, name: str) -> None:
+        self.loading.discard(name)
+        self.pages.unpin(name)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

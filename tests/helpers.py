@@ -77,3 +77,28 @@ def write_adapter(path: str, base_path: str, rank: int, modules: list[str], seed
     model.save_pretrained(path)
     assert os.path.isfile(os.path.join(path, "adapter_model.safetensors"))
     return path
+
+
+def write_raw_adapter(path: str, num_layers: int, shapes: dict[str, tuple[int, int]], rank: int,
+                      modules: list[str], seed: int, alpha: float | None = None) -> str:
+    """A PEFT-format adapter written directly (fast, for thousands of them): the key names and
+    adapter_config.json that PEFT's save_pretrained writes."""
+    import json
+
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(num_layers):
+        for m in modules:
+            n_in, n_out = shapes[m]
+            block = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{m}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, n_in, generator=gen) * 0.3
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(n_out, rank, generator=gen) * 0.3
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha if alpha is not None else 2 * rank,
+                   "target_modules": modules, "lora_dropout": 0.0, "bias": "none", "use_rslora": False}, f)
+    return path

@@ -40,10 +40,11 @@ def tok():
 @pytest.fixture(scope="module")
 def model():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+    transformers.utils.logging.disable_progress_bar()
     base = transformers.AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
-    m = peft.PeftModel.from_pretrained(base, ADAPTER_DIR / ADAPTERS[0], adapter_name=ADAPTERS[0])
+    m = peft.PeftModel.from_pretrained(base, str(ADAPTER_DIR / ADAPTERS[0]), adapter_name=ADAPTERS[0])
     for name in ADAPTERS[1:]:
-        m.load_adapter(ADAPTER_DIR / name, adapter_name=name)
+        m.load_adapter(str(ADAPTER_DIR / name), adapter_name=name)
     m.eval()
     return m
 

@@ -1,0 +1,238 @@
+"""engine.launcher starts the tritonserver of the nvidia-pytriton wheel (no engine needed):
+a tiny decoupled echo model in tmp_path stands in for multilora."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from engine import launcher
+from engine.launcher import TritonServer, TritonServerError
+
+from e2e_helpers import ROOT, START_TIMEOUT_S, start_server
+
+pytestmark = pytest.mark.e2e
+
+ECHO_CONFIG = """
+backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input [ { name: "text" data_type: TYPE_STRING dims: [ 1 ] } ]
+output [
+  { name: "echo" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "engine_args" data_type: TYPE_STRING dims: [ 1 ] }
+]
+instance_group [ { kind: KIND_MODEL count: 1 } ]
+"""
+
+# Answers each request with its text, the MULTILORA_ENGINE_ARGS it sees, then a FINAL flag.
+ECHO_MODEL = """
+import os
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+class TritonPythonModel:
+    def initialize(self, args):
+        if os.environ.get("ECHO_FAIL"):
+            raise RuntimeError("echo model refuses to start: " + os.environ["ECHO_FAIL"])
+
+    def execute(self, requests):
+        for request in requests:
+            text = pb_utils.get_input_tensor_by_name(request, "text").as_numpy()
+            args = os.environ.get("MULTILORA_ENGINE_ARGS", "").encode()
+            sender = request.get_response_sender()
+            sender.send(pb_utils.InferenceResponse([
+                pb_utils.Tensor("echo", text),
+                pb_utils.Tensor("engine_args", np.array([args], dtype=np.object_))]))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+"""
+
+
+@pytest.fixture
+def echo_repository(tmp_path: Path) -> Path:
+    model_dir = tmp_path / "repo" / "echo"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "config.pbtxt").write_text(ECHO_CONFIG)
+    (model_dir / "1" / "model.py").write_text(ECHO_MODEL)
+    return tmp_path / "repo"
+
+
+def grpc_echo(grpc_url: str, text: str) -> tuple[str, str]:
+    """One request over a gRPC stream; returns (echo, engine_args)."""
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        tensor = grpcclient.InferInput("text", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([text.encode()], dtype=np.object_))
+        client.async_stream_infer("echo", [tensor], request_id="1")
+        result, error = results.get(timeout=30)
+        assert error is None, error
+        client.stop_stream()
+    finally:
+        client.close()
+    return (result.as_numpy("echo")[0].decode(), result.as_numpy("engine_args")[0].decode())
+
+
+def http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
+def test_backend_directory_layout(tmp_path: Path):
+    backends = launcher.make_backend_dir(tmp_path)
+    python_dir = backends / "python"
+    stub = python_dir / "triton_python_backend_stub"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert stub.is_symlink()  # a copy would not find its CUDA runtime
+    assert Path(os.readlink(stub)).parent.name == version
+    assert os.access(stub, os.X_OK)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        assert (python_dir / name).is_file() and not (python_dir / name).is_symlink()
+
+
+def test_missing_stub_version_is_a_clear_error(tmp_path: Path):
+    with pytest.raises(TritonServerError, match="no Python backend stub for Python 2.7"):
+        launcher.make_backend_dir(tmp_path, python_version="2.7")
+
+
+def test_parse_engine_args(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    args = launcher.parse_engine_args(
+        ["max_num_seqs=8", "dtype=float16", 'lora_roots=["a","b"]', "ignore=true",
+         "model=weights", "empty="])
+    assert args == {"max_num_seqs": 8, "dtype": "float16", "lora_roots": ["a", "b"],
+                    "ignore": True, "model": str(tmp_path / "weights"), "empty": ""}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        launcher.parse_engine_args(["no_equals_sign"])
+
+
+def test_default_model_repository_is_the_projects():
+    assert launcher.DEFAULT_MODEL_REPOSITORY == ROOT / "model_repository"
+    assert TritonServer().model_repository == ROOT / "model_repository"
+
+
+def test_server_starts_serves_and_stops(echo_repository: Path):
+    server = start_server(echo_repository, engine_args={"model": "/m", "max_num_seqs": 4})
+    try:
+        assert server.is_ready()
+        assert len({server.http_port, server.grpc_port, server.metrics_port}) == 3
+        assert server.grpc_url == f"127.0.0.1:{server.grpc_port}"
+        assert server.http_url == f"http://127.0.0.1:{server.http_port}"
+        echo, engine_args = grpc_echo(server.grpc_url, "hello world")
+        assert echo == "hello world"
+        assert json.loads(engine_args) == {"model": "/m", "max_num_seqs": 4}
+        assert http_status(f"{server.http_url}/v2/models/echo/ready") == 200
+        with urllib.request.urlopen(server.metrics_url, timeout=10) as reply:
+            assert 'nv_inference_request_success{model="echo",version="1"}' in reply.read().decode()
+        backend_dir = server._tmp_dir
+        process = server.process
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert process.poll() is not None
+    assert not backend_dir.exists()
+    assert http_status(f"{server.http_url}/v2/health/live") is None
+
+
+def test_context_manager_stops_the_server(echo_repository: Path):
+    with TritonServer(echo_repository, host="127.0.0.1", http_port=None, grpc_port=None,
+                      metrics_port=None, ready_timeout=START_TIMEOUT_S, exit_timeout_s=5) as server:
+        process = server.process
+        assert server.is_ready()
+    assert process.poll() is not None
+    assert not server.is_running()
+
+
+def test_model_that_fails_to_load_raises_with_the_log_tail(echo_repository: Path):
+    with pytest.raises(TritonServerError) as caught:
+        start_server(echo_repository, env={"ECHO_FAIL": "boom-4711"})
+    assert "boom-4711" in str(caught.value)
+
+
+def _run_cli(args: list[str], tmp_path: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine.launcher", *args], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=open(tmp_path / "cli.stderr", "w"), text=True,
+        env={**os.environ, **(env or {})})
+
+
+def _read_ready_line(process: subprocess.Popen, timeout: float) -> str:
+    lines: queue.Queue = queue.Queue()
+
+    def reader():
+        for line in process.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        if line.startswith("multilora ready:"):
+            return line
+    raise AssertionError("no 'multilora ready:' line")
+
+
+def test_cli_prints_ready_line_and_exits_cleanly_on_sigint(echo_repository: Path, tmp_path: Path):
+    process = _run_cli(["--model-repository", str(echo_repository), "--host", "127.0.0.1",
+                        "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+                        "--engine-arg", "max_num_seqs=3", "--ready-timeout", "60",
+                        "--tritonserver-arg=--exit-timeout-secs=5"], tmp_path)
+    try:
+        line = _read_ready_line(process, START_TIMEOUT_S)
+        fields = dict(part.split("=", 1) for part in line.split()[2:])
+        assert http_status(f"{fields['http']}/v2/health/ready") == 200
+        assert http_status(fields["metrics"]) == 200
+        assert grpc_echo(fields["grpc"], "x") == ("x", '{"max_num_seqs": 3}')
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        assert http_status(f"{fields['http']}/v2/health/live") is None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_cli_exits_nonzero_with_the_log_tail_when_the_model_fails(echo_repository: Path,
+                                                                   tmp_path: Path):
+    process = _run_cli(["--model-repository", str(echo_repository), "--host", "127.0.0.1",
+                        "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
+                       tmp_path, env={"ECHO_FAIL": "boom-0815"})
+    try:
+        assert process.wait(timeout=120) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stderr = (tmp_path / "cli.stderr").read_text()
+    assert "multilora-serve: tritonserver exited with code" in stderr
+    assert "boom-0815" in stderr
+
+
+def test_cli_rejects_a_malformed_engine_arg(tmp_path: Path):
+    process = _run_cli(["--engine-arg", "oops"], tmp_path)
+    assert process.wait(timeout=60) == 2
+    assert "KEY=VALUE" in (tmp_path / "cli.stderr").read_text()
