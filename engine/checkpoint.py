@@ -101,3 +101,28 @@ def load_weights(path: str, config: ModelConfig, dtype: torch.dtype, device: tor
     if leftover:
         raise CheckpointError(f"{path}: unexpected tensors {leftover[:5]}{'...' if len(leftover) > 5 else ''}")
     return out
+
+
+def random_weights(config: ModelConfig, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in the engine's layout (load_format "dummy"), for benchmarks without a checkpoint."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shapes = config.projection_shapes()
+    h, i = config.hidden_size, config.intermediate_size
+
+    def rand(*shape: int) -> torch.Tensor:
+        t = torch.empty(*shape, dtype=dtype, device=device)
+        return t.normal_(0.0, 0.02, generator=gen)
+
+    out = {"embed": rand(config.vocab_size, h), "norm": torch.ones(h, dtype=dtype, device=device)}
+    out["lm_head"] = out["embed"] if config.tie_word_embeddings else rand(config.vocab_size, h)
+    qkv_out = shapes["q_proj"][1] + 2 * shapes["k_proj"][1]
+    for layer in range(config.num_layers):
+        out[f"{layer}.input_norm"] = torch.ones(h, dtype=dtype, device=device)
+        out[f"{layer}.post_norm"] = torch.ones(h, dtype=dtype, device=device)
+        out[f"{layer}.qkv"] = rand(qkv_out, h)
+        if config.attention_bias:
+            out[f"{layer}.qkv_bias"] = rand(qkv_out)
+        out[f"{layer}.o"] = rand(h, shapes["o_proj"][0])
+        out[f"{layer}.gate_up"] = rand(2 * i, h)
+        out[f"{layer}.down"] = rand(h, i)
+    return out

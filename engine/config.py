@@ -134,6 +134,7 @@ class EngineConfig:
 
     model: str
     tokenizer: str | None = None
+    load_format: str = "safetensors"  # or "dummy": random weights of the config's shape (benchmarks)
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU; or float32/float16/bfloat16
     device: str = "auto"  # auto: cuda if available
     max_model_len: int | None = None  # default: the model's max_position_embeddings
@@ -155,6 +156,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("engine config: 'model' (path of the base model directory) is required")
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"engine config: load_format {self.load_format!r} must be safetensors or dummy")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"engine config: dtype {self.dtype!r} must be auto, float32, float16 or bfloat16")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank",

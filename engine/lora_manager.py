@@ -103,6 +103,14 @@ class LoRAManager:
             self._shrink()
         return packed
 
+    def register(self, name: str, packed: PackedAdapter) -> None:
+        """Add an adapter made in memory (benchmarks, tests) to the host tier, as if loaded from disk."""
+        check_adapter_name(name)
+        with self._lock:
+            self.known[name] = f"<memory:{name}>"
+            self._host[name] = packed
+            self._shrink()
+
     def release(self, name: str) -> None:
         with self._lock:
             count = self._refs.get(name, 0)

@@ -6,7 +6,7 @@ import logging
 import torch
 
 from engine.adapters import PackedAdapter
-from engine.checkpoint import load_weights
+from engine.checkpoint import load_weights, random_weights
 from engine.config import EngineConfig, ModelConfig
 from engine.lora_batch import LoRABatch
 from engine.model import AttentionMetadata, Transformer
@@ -33,7 +33,10 @@ class ModelRunner:
         self.config = config
         self.model_config = model_config
         self.device, self.dtype = pick_device_dtype(config)
-        weights = load_weights(config.model, model_config, self.dtype, self.device)
+        if config.load_format == "dummy":
+            weights = random_weights(model_config, self.dtype, self.device, config.seed)
+        else:
+            weights = load_weights(config.model, model_config, self.dtype, self.device)
         self.model = Transformer(model_config, weights, max_model_len)
         c = model_config
         self.block_size = config.block_size

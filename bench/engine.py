@@ -1,0 +1,104 @@
+"""Engine-direct decode step time on a Llama-7B-shaped fp16 model with random weights, against
+its memory-bandwidth floor: LoRA off, one adapter for the whole batch, and every sequence its own.
+
+    PYTHONPATH=. python bench/engine.py [--batches 1,8,32,64,128,256] [--context 256] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from bench.common import ALL_LINEAR, QKVO, device_name, random_adapter, write_model_dir
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+MAX_DISTINCT = 64  # distinct adapters in a batch (larger batches reuse them)
+COPY_BANDWIDTH = 3.0e12  # bytes/s, measured device-to-device on the H100 (TOOLCHAIN.md)
+
+
+def weight_bytes(engine: LLMEngine) -> int:
+    w = engine.runner.model.w
+    return sum(t.numel() * t.element_size() for k, t in w.items() if k != "embed")
+
+
+def decode_step_time(engine: LLMEngine, batch: int, context: int, lora_names: list[str | None], steps: int) -> tuple[float, int]:
+    """Median wall time of one decode step with ``batch`` sequences at about ``context`` tokens."""
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    ids = []
+    for i in range(batch):
+        prompt = [1] + [rng.randrange(3, engine.model_config.vocab_size) for _ in range(context - 1)]
+        seq = engine.make_sequence(f"b{batch}-{i}-{time.monotonic_ns()}", None, prompt, params, lora_names[i])
+        engine.add(seq)
+        ids.append(seq.request_id)
+    while any(len(engine.seqs[r].output_token_ids) == 0 for r in ids):  # prefill everything
+        engine.step()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    ctx = sum(engine.seqs[r].num_tokens for r in ids) // batch
+    for r in ids:
+        engine.abort(r)
+    return statistics.median(times), ctx
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,8,32,64,128,256")
+    ap.add_argument("--context", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    model_dir = write_model_dir(tempfile.mkdtemp())
+    engine = LLMEngine(EngineConfig(model=model_dir, load_format="dummy", dtype="float16", max_num_seqs=256,
+                                    max_num_batched_tokens=8192, gpu_memory_utilization=0.9,
+                                    max_host_adapter_bytes=64 << 30))
+    mc, runner = engine.model_config, engine.runner
+    batches = [int(b) for b in args.batches.split(",")]
+    setups = {"rank 8 q,k,v,o": (8, QKVO), "rank 16 all-linear": (16, ALL_LINEAR)}
+    adapters = {}
+    for label, (rank, modules) in setups.items():
+        for i in range(min(max(batches), MAX_DISTINCT)):
+            name = f"{label.split()[1]}-{len(modules)}-{i}"
+            adapters.setdefault(label, []).append(name)
+            engine.lora.register(name, random_adapter(name, mc, rank, modules, i, runner.page_size, runner.dtype,
+                                                      pin_memory=torch.cuda.is_available()))
+    w_bytes = weight_bytes(engine)
+    kv_per_token = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * runner.dtype.itemsize
+    rows = []
+    for batch in batches:
+        cases = [("LoRA off", [None] * batch, 0)]
+        for label, names in adapters.items():
+            one = engine.lora.get(names[0]).num_bytes
+            cases.append((f"1 adapter, {label}", [names[0]] * batch, one))
+            mixed = [names[i % len(names)] for i in range(batch)]
+            if batch > 1:
+                    cases.append((f"{len(set(mixed))} adapters, {label}", mixed,
+                              sum(engine.lora.get(n).num_bytes for n in set(mixed))))
+        for label, names, a_bytes in cases:
+            seconds, ctx = decode_step_time(engine, batch, args.context, names, args.steps)
+            floor = (w_bytes + a_bytes + batch * ctx * kv_per_token) / COPY_BANDWIDTH
+            rows.append({"batch": batch, "case": label, "step_ms": seconds * 1e3, "floor_ms": floor * 1e3,
+                         "frac_of_floor": floor / seconds, "tokens_per_s": batch / seconds})
+            print(f"{batch:>5} | {label:<34} | {seconds * 1e3:8.2f} ms | floor {floor * 1e3:6.2f} ms | "
+                  f"{floor / seconds:5.2f} of floor | {batch / seconds:9.0f} tok/s", flush=True)
+    print(f"\ndevice: {device_name()}; command: {' '.join(sys.argv)}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
