@@ -237,12 +237,18 @@ class TritonServer:
         self._tmp_dir = Path(tempfile.mkdtemp(prefix="multilora-triton-"))
         backend_dir = make_backend_dir(self._tmp_dir)
         log = open(self.log_file, "a", encoding="utf-8") if self.log_file else None
-        self.process = subprocess.Popen(
-            self.command(backend_dir), env=self.environment(), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-            bufsize=1, cwd=self._tmp_dir,  # the stub puts its cwd on sys.path: keep it neutral
-            start_new_session=True,  # signals reach it only through us
-        )
+        try:
+            self.process = subprocess.Popen(
+                self.command(backend_dir), env=self.environment(), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                bufsize=1, cwd=self._tmp_dir,  # the stub puts its cwd on sys.path: keep it neutral
+                start_new_session=True,  # signals reach it (and its stubs) only through us
+            )
+        except BaseException:
+            if log is not None:
+                log.close()
+            self.stop()
+            raise
         _running_servers.add(self)
         self._reader = threading.Thread(
             target=self._read_output, args=(self.process.stdout, log), name="tritonserver-log",
@@ -291,7 +297,7 @@ class TritonServer:
                 try:
                     process.wait(timeout)
                 except subprocess.TimeoutExpired:
-                    process.kill()
+                    kill_process_group(process)
                     process.wait()
             code = process.returncode
             if self._reader is not None:
@@ -343,6 +349,14 @@ class TritonServer:
         finally:
             if log is not None:
                 log.close()
+
+
+def kill_process_group(process: subprocess.Popen) -> None:
+    """SIGKILL tritonserver and its Python backend stubs (its own process group)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
 
 
 def _http_status(url: str) -> int | None:
@@ -402,7 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # First signal: let tritonserver unload the model cleanly; a second one kills it.
         process = server.process
         if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGKILL if stop_requested.is_set() else signal.SIGTERM)
+            if stop_requested.is_set():
+                kill_process_group(process)
+            else:
+                process.send_signal(signal.SIGTERM)
         stop_requested.set()
 
     signal.signal(signal.SIGINT, on_signal)

@@ -1,6 +1,7 @@
 """The engine: requests in, one scheduled step at a time, deltas out. Single-threaded; see async_engine."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -104,6 +105,10 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
                                       "(max_model_len), including at least one generated token")
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=min(self.config.default_max_tokens,
+                                                                self.max_model_len - len(ids)))
+            params.min_tokens = min(params.min_tokens, params.max_tokens)
         if len(ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"sampling_parameters: max_tokens={params.max_tokens} is beyond the context: the prompt has "

@@ -16,7 +16,7 @@ class SamplingParams:
     same seed yields the same tokens whatever else shares the batch.
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = None  # None: the engine's default_max_tokens, clipped to the context
     min_tokens: int = 0
     temperature: float = 1.0
     top_k: int = -1  # -1 or 0: off
@@ -32,9 +32,9 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens,
+        _check(isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
                f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature!r}")
         _check(isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 0),
@@ -74,7 +74,7 @@ _BOOL_KEYS = {"ignore_eos", "skip_special_tokens"}
 def _coerce(key: str, value: Any) -> Any:
     try:
         if value is None:
-            return None if key == "seed" else _fail(key, value)
+            return None if key in ("seed", "max_tokens") else _fail(key, value)
         if key in _INT_KEYS:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 _fail(key, value)
