@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The Triton Python backend stub links the system libpython, so the venv is made from
-# Debian's own python3.11 (see docs/TOOLCHAIN notes in README).
+# Debian's own python3.11 when it is there.
 BASE_PYTHON ?= $(shell test -x /usr/bin/python3.11 && echo /usr/bin/python3.11 || echo python3)
 STAMP := $(VENV)/.installed
 
@@ -18,11 +18,12 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# OMP_NUM_THREADS=1: on a small CPU machine torch's thread pool spins against tritonserver's threads.
 serve: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m engine.demo
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m engine.launcher $(ARGS)
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q tests
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=1 $(PY) -m pytest -q tests $(ARGS)
 
 clean:
 	rm -rf $(VENV)

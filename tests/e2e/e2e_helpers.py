@@ -1,9 +1,8 @@
-"""Helpers of the end-to-end tests: starting servers (real or fake engine), a raw gRPC stream that
+"""Helpers of the end-to-end tests: starting servers, a raw gRPC stream that
 attributes every response (errors included) to its request id, the generate endpoints, and a
 Prometheus metrics reader."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import queue
 import shutil
@@ -27,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = ROOT / "model_repository"
 MODEL_DIR = MODEL_REPOSITORY / "multilora"
 START_TIMEOUT_S = 60.0
-FAKE_ENGINE_ARGS = {"step_s": 0.005, "max_model_len": 1024, "max_num_seqs": 64, "block_size": 4}
 
 
 def start_server(repository: Path, ready_timeout: float = START_TIMEOUT_S, **kwargs) -> TritonServer:
@@ -37,38 +35,16 @@ def start_server(repository: Path, ready_timeout: float = START_TIMEOUT_S, **kwa
                         **kwargs).start()
 
 
-def make_fake_engine_repository(root: Path, engine_args: dict | None = None) -> Path:
-    """A model repository holding the real multilora model files, whose ``engine.async_engine``
-    is tests/e2e/fake_engine.py: the version directory is on the stub's sys.path ahead of the
-    project, so an ``engine`` package there wins; its ``__path__`` continues into the project's
-    engine/ for everything else (errors, outputs, sampling_params, launcher)."""
+def copy_model_repository(root: Path, engine_json: dict) -> Path:
+    """A copy of the multilora model with another engine.json (paths in it must be absolute)."""
     version_dir = root / "multilora" / "1"
     version_dir.mkdir(parents=True)
     shutil.copy(MODEL_DIR / "config.pbtxt", root / "multilora" / "config.pbtxt")
     for source in (MODEL_DIR / "1").glob("*.py"):
         shutil.copy(source, version_dir / source.name)
-    (version_dir / "engine.json").write_text(json.dumps(engine_args or FAKE_ENGINE_ARGS))
-    (version_dir / "multi_lora.json").write_text(
-        json.dumps({name: f"/nonexistent/{name}" for name in ("upper", "reverse", "rot13")}))
-    package = version_dir / "engine"
-    package.mkdir()
-    (package / "__init__.py").write_text(
-        "# Test double: engine.async_engine is the fake; the rest is the project's engine.\n"
-        f"__path__.append({str(ROOT / 'engine')!r})\n")
-    shutil.copy(Path(__file__).with_name("fake_engine.py"), package / "async_engine.py")
+    shutil.copy(MODEL_DIR / "1" / "multi_lora.json", version_dir / "multi_lora.json")
+    (version_dir / "engine.json").write_text(json.dumps(engine_json))
     return root
-
-
-def real_engine_missing() -> str | None:
-    return None
-    if importlib.util.find_spec("engine.async_engine") is None:
-        return "engine/async_engine.py does not exist yet"
-    if not (ROOT / "demo" / "base" / "config.json").is_file():
-        return "the demo model (demo/base) does not exist yet"
-    for name in ("upper", "reverse", "rot13"):
-        if not (ROOT / "demo" / "adapters" / name / "adapter_config.json").is_file():
-            return f"the demo adapter demo/adapters/{name} does not exist yet"
-    return None
 
 
 @dataclass

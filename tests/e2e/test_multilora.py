@@ -1,15 +1,14 @@
 """The multilora model through a real tritonserver: every client path, many adapters in one
 stream, cancellation, bad input, metrics.
 
-Each test runs twice (fixture ``llm_server``): with tests/e2e/fake_engine.py standing in for the
-engine (tests the Triton glue alone, runs now) and with the real engine on the demo model
-(skipped until engine/async_engine.py and demo/base exist).
+The server (fixture ``llm_server``) runs the real engine on the embedded demo model.
 
 Demo model: the base model echoes the prompt, ``upper`` upper-cases it, ``reverse`` reverses
 it, ``rot13`` rotates its letters; then EOS.
 """
 from __future__ import annotations
 
+import codecs
 import json
 import queue
 import time
@@ -32,7 +31,6 @@ TIMEOUT_S = 60.0
 
 
 def expected_for(adapter: str, prompt: str) -> str:
-    import codecs
     return {"": prompt, "upper": prompt.upper(), "reverse": prompt[::-1],
             "rot13": codecs.encode(prompt, "rot13")}[adapter]
 
@@ -50,9 +48,7 @@ def assert_idle(server) -> None:
 
 
 def prompt_token_ids(server, text: str) -> list[int]:
-    """Token ids the engine makes of ``text`` (the fake engine: one code point per token)."""
-    if server.uses_fake_engine:
-        return [ord(c) for c in text]
+    """Token ids the engine makes of ``text``."""
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "demo" / "base"))
     return list(tokenizer(text)["input_ids"])
@@ -363,3 +359,41 @@ def test_time_to_first_token_is_observed_while_streaming(llm_server):
             return
         time.sleep(0.05)
     pytest.fail("multilora_time_to_first_token_seconds_count did not move by 1")
+
+
+def test_engine_args_override_engine_json(llm_server):
+    """The launcher's --engine-arg max_model_len=4096 reached the engine (the demo model says 64)."""
+    with StreamClient(llm_server.grpc_url) as client:
+        client.send("long", text="hello", sampling={"max_tokens": 4096})
+        client.send("fits", text="hello", sampling={"max_tokens": 100, "ignore_eos": True}, stream=False)
+        got = client.collect(["long", "fits"], timeout=TIMEOUT_S)
+    assert "max_model_len is 4096" in got["long"][0].error
+    assert len(got["fits"][0].output_ids) == 100
+
+
+def test_responses_coalesce_tokens_under_load(llm_server):
+    """48 streams of 200 tokens: the engine makes tokens faster than one response per token can
+    be sent, so the model sends several tokens per response, and never an empty one."""
+    num_requests, max_tokens = 48, 200
+    with StreamClient(llm_server.grpc_url) as client:
+        ids = [str(i) for i in range(num_requests)]
+        for request_id in ids:
+            client.send(request_id, text="abc", lora_name=list(EXPECTED)[int(request_id) % 4],
+                        sampling={"max_tokens": max_tokens, "ignore_eos": True})
+        got = client.collect(ids, timeout=240)
+    num_responses = sum(len(responses) for responses in got.values())
+    for responses in got.values():
+        only_final_last(responses)
+        assert sum(len(r.output_ids) for r in responses) == max_tokens
+        assert all(r.output_ids for r in responses)  # no empty deltas
+    assert num_responses < num_requests * max_tokens * 0.8, num_responses
+
+
+def test_finish_reason_length_and_prompt_prepended(llm_server):
+    with StreamClient(llm_server.grpc_url) as client:
+        client.send("n", text="hello", stream=False, sampling={"max_tokens": 2, "temperature": 0},
+                    return_finish_reason=True, return_num_output_tokens=True)
+        (reply,) = client.collect(["n"], timeout=TIMEOUT_S)["n"]
+    assert reply.text == "hellohe"  # the prompt, then the generated text (echo, cut at 2 tokens)
+    assert reply.outputs["finish_reason"] == ["length"]
+    assert reply.outputs["num_output_tokens"] == [2]

@@ -1,0 +1,365 @@
+"""Triton Python-backend model "multilora": glue between Triton requests and the engine.
+
+``execute`` validates each request (multilora_requests.py), hands it to the engine with a
+callback that only puts outputs on a queue, and returns None (decoupled). One response thread
+drains the queue, coalesces every delta ready for a request into one response, sends it, polls
+``response_sender.is_cancelled()`` and feeds the metrics (multilora_metrics.py). Every request
+gets exactly one response flagged FINAL, errors and cancellation included, and nothing after it.
+
+Engine arguments: ``1/engine.json`` (paths relative to it) and ``1/multi_lora.json`` (adapters
+known at start), overridden by the config.pbtxt parameter ``engine_args`` (a JSON object), then by
+the environment variable ``MULTILORA_ENGINE_ARGS`` (a JSON object; the launcher's --engine-arg).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from engine.async_engine import AsyncEngine
+from engine.errors import (AdapterLoadError, AdapterNotFoundError, EngineOverloadedError,
+                           InvalidRequestError, RequestAbortedError)
+from engine.launcher import ENGINE_ARGS_ENV
+from engine.outputs import RequestOutput
+from multilora_metrics import ServingMetrics
+from multilora_requests import ParsedRequest, parse_request
+
+CANCEL_POLL_S = 0.02  # per live request; is_cancelled() is an IPC round trip (~30 us)
+CANCEL_POLL_BUDGET = 0.1  # at most this fraction of the response thread goes to polling
+STATS_POLL_S = 0.1
+MAX_EVENTS_PER_ROUND = 4096
+_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+_STOP = ("stop",)
+
+INPUTS = [
+    {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+    {"name": "input_ids", "data_type": "TYPE_INT32", "dims": [-1], "optional": True},
+    {"name": "lora_name", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+    {"name": "stream", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    {"name": "sampling_parameters", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+    {"name": "exclude_input_in_output", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    {"name": "return_finish_reason", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    {"name": "return_num_input_tokens", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    {"name": "return_num_output_tokens", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+]
+OUTPUTS = [
+    {"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]},
+    {"name": "output_ids", "data_type": "TYPE_INT32", "dims": [-1]},
+    {"name": "finish_reason", "data_type": "TYPE_STRING", "dims": [-1]},
+    {"name": "num_input_tokens", "data_type": "TYPE_UINT32", "dims": [1]},
+    {"name": "num_output_tokens", "data_type": "TYPE_UINT32", "dims": [-1]},
+]
+
+
+def _log(level: str, message: str) -> None:
+    getattr(pb_utils.Logger, f"log_{level}")(f"[multilora] {message}")
+
+
+def _triton_error(message: str, code_name: str) -> Any:
+    """pb_utils.TritonError with a code (Triton >= 23.x); message only on older servers."""
+    code = getattr(pb_utils.TritonError, code_name, None)
+    if code is not None:
+        try:
+            return pb_utils.TritonError(message, code)
+        except TypeError:
+            pass
+    return pb_utils.TritonError(message)
+
+
+def _classify(error: BaseException) -> tuple[str, str]:
+    """(Triton error code name, metrics reason) of an engine or validation error."""
+    if isinstance(error, AdapterNotFoundError):
+        return "NOT_FOUND", "not_found"
+    if isinstance(error, (InvalidRequestError, AdapterLoadError)):
+        return "INVALID_ARG", "invalid_arg"
+    if isinstance(error, EngineOverloadedError):
+        return "UNAVAILABLE", "unavailable"
+    if isinstance(error, RequestAbortedError):
+        return "CANCELLED", "cancelled"
+    return "INTERNAL", "internal"
+
+
+@dataclass(eq=False)
+class _LiveRequest:
+    """A request between execute() and its FINAL response; owned by the response thread."""
+
+    request_id: str
+    request: Any  # kept alive until the FINAL response is sent
+    sender: Any
+    parsed: ParsedRequest | None  # None: rejected before reaching the engine
+    arrival: float
+    pending: RequestOutput | None = None  # deltas received but not sent yet
+    last_token_time: float | None = None
+    prompt_tokens_counted: bool = False
+
+
+class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(config: Any) -> Any:
+        config.set_model_transaction_policy({"decoupled": True})
+        config.set_max_batch_size(0)
+        present = config.as_dict()
+        input_names = {i["name"] for i in present.get("input", [])}
+        output_names = {o["name"] for o in present.get("output", [])}
+        for spec in INPUTS:
+            if spec["name"] not in input_names:
+                config.add_input(spec)
+        for spec in OUTPUTS:
+            if spec["name"] not in output_names:
+                config.add_output(spec)
+        return config
+
+    def initialize(self, args: dict[str, str]) -> None:
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise ValueError("multilora needs model_transaction_policy { decoupled: true }")
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        engine_json = os.path.join(version_dir, "engine.json")
+        multi_lora_json = os.path.join(version_dir, "multi_lora.json")
+        if not os.path.isfile(multi_lora_json):
+            multi_lora_json = None
+        overrides = _engine_overrides(model_config)
+        _log("info", f"starting the engine from {engine_json}, adapters {multi_lora_json}, "
+                     f"overrides {overrides}")
+        self._events: queue.Queue = queue.Queue()
+        self._ids = itertools.count()
+        self._metrics = ServingMetrics({"model": args["model_name"],
+                                        "version": args["model_version"]}, _log)
+        self._engine = None
+        self._thread = None
+        self._last_stats_error = ""
+        try:
+            self._engine = AsyncEngine.from_files(engine_json, multi_lora_json, overrides)
+            self._engine.start()
+        except Exception:
+            _log("error", f"the engine could not start:\n{traceback.format_exc()}")
+            if self._engine is not None:
+                self._engine.shutdown()
+            raise
+        self._thread = threading.Thread(target=self._response_loop, name="multilora-responses",
+                                        daemon=True)
+        self._thread.start()
+        _log("info", f"ready: max_model_len={self._engine.max_model_len}")
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            self._submit(request)
+        return None
+
+    def finalize(self) -> None:
+        _log("info", "finalize: stopping the engine")
+        if self._engine is not None:
+            self._engine.shutdown()
+        if self._thread is not None:
+            self._events.put(_STOP)
+            self._thread.join(timeout=60)
+            self._thread = None
+        self._metrics.close()
+        _log("info", "finalize: done")
+
+    # -- execute side ----------------------------------------------------------------------
+    def _submit(self, request: Any) -> None:
+        arrival = time.monotonic()
+        request_id = str(next(self._ids))
+        try:
+            parsed = parse_request(request)
+        except Exception as error:  # InvalidRequestError, or a bug: the request still gets a FINAL
+            live = _LiveRequest(request_id, request, request.get_response_sender(), None, arrival)
+            self._events.put(("new", live))
+            self._events.put(("output", request_id, _failed(request_id, error), arrival))
+            return
+        live = _LiveRequest(request_id, request, request.get_response_sender(), parsed, arrival)
+        self._events.put(("new", live))  # before add_request: its outputs may come at once
+
+        def on_output(output: RequestOutput, request_id: str = request_id) -> None:
+            self._events.put(("output", request_id, output, time.monotonic()))
+
+        try:
+            self._engine.add_request(request_id, parsed.prompt, parsed.prompt_token_ids,
+                                     parsed.params, parsed.lora_name, on_output)
+        except Exception as error:
+            self._events.put(("output", request_id, _failed(request_id, error), time.monotonic()))
+
+    # -- response thread -------------------------------------------------------------------
+    def _response_loop(self) -> None:
+        live: dict[str, _LiveRequest] = {}
+        stopping = False
+        next_cancel_poll = next_stats = time.monotonic()
+        while True:
+            timeout = max(0.0, min(next_cancel_poll, next_stats) - time.monotonic())
+            events = []
+            try:
+                events.append(self._events.get(timeout=timeout))
+                while len(events) < MAX_EVENTS_PER_ROUND:
+                    events.append(self._events.get_nowait())
+            except queue.Empty:
+                pass
+            touched: dict[str, _LiveRequest] = {}
+            for event in events:
+                if event is _STOP:
+                    stopping = True
+                elif event[0] == "new":
+                    live[event[1].request_id] = event[1]
+                else:
+                    state = live.get(event[1])
+                    if state is not None:  # None: already ended (cancelled)
+                        self._take_output(state, event[2], event[3])
+                        touched[state.request_id] = state
+            for state in touched.values():
+                try:
+                    done = self._flush(state)
+                except Exception:  # a bug here must not leave the request without a FINAL
+                    _log("error", f"request {state.request_id}: {traceback.format_exc()}")
+                    self._send_error(state, "INTERNAL", "internal", "internal error in the model")
+                    done = True
+                if done:
+                    del live[state.request_id]
+            now = time.monotonic()
+            if now >= next_cancel_poll:
+                self._poll_cancelled(live)
+                # Keep the IPC cost of polling within its budget when many requests are live.
+                interval = max(CANCEL_POLL_S, len(live) * 30e-6 / CANCEL_POLL_BUDGET)
+                next_cancel_poll = time.monotonic() + interval
+            if now >= next_stats:
+                self._update_stats()
+                next_stats = now + STATS_POLL_S
+            if stopping:
+                for state in list(live.values()):
+                    self._send_error(state, "UNAVAILABLE", "unavailable",
+                                     "the model is being unloaded")
+                live.clear()
+                self._metrics.flush()
+                return
+
+    def _take_output(self, state: _LiveRequest, output: RequestOutput, at: float) -> None:
+        if output.num_prompt_tokens and not state.prompt_tokens_counted:
+            self._metrics.prompt_tokens(output.num_prompt_tokens)
+            state.prompt_tokens_counted = True
+        num_tokens = len(output.token_ids)
+        if num_tokens:
+            self._metrics.generation_tokens(num_tokens)
+            if state.last_token_time is None:
+                self._metrics.time_to_first_token(at - state.arrival)
+            else:
+                self._metrics.inter_token_latency((at - state.last_token_time) / num_tokens)
+            state.last_token_time = at
+        state.pending = output if state.pending is None else state.pending.merge(output)
+
+    def _flush(self, state: _LiveRequest) -> bool:
+        """Send what is pending for a request; True once its FINAL response is sent."""
+        output = state.pending
+        stream = state.parsed is not None and state.parsed.stream
+        failed = output.error is not None or (output.finished and output.finish_reason == "abort")
+        if stream and (output.text or output.token_ids) and (failed or not output.finished):
+            self._send(state, self._response(state, output), 0)
+            state.pending = output = RequestOutput(request_id=state.request_id,
+                                                   finished=output.finished,
+                                                   finish_reason=output.finish_reason,
+                                                   error=output.error)
+        if failed:
+            error = output.error or RequestAbortedError("the request was aborted")
+            code, reason = _classify(error)
+            self._send_error(state, code, reason, str(error))
+            return True
+        if output.finished:
+            self._metrics.request_succeeded()
+            self._metrics.flush()  # counters are current once the client has the FINAL
+            self._send(state, self._response(state, output), _FINAL)
+            return True
+        return False
+
+    def _response(self, state: _LiveRequest, output: RequestOutput) -> Any:
+        parsed = state.parsed
+        text = output.text
+        if not parsed.stream and not parsed.exclude_input_in_output and parsed.prompt is not None:
+            text = parsed.prompt + text  # as the vLLM backend: the prompt, then the generated text
+        tensors = [
+            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
+            pb_utils.Tensor("output_ids", np.array(output.token_ids, dtype=np.int32)),
+        ]
+        if parsed.return_finish_reason:
+            reason = (output.finish_reason or "") if output.finished else ""
+            tensors.append(pb_utils.Tensor("finish_reason",
+                                           np.array([reason.encode()], dtype=np.object_)))
+        if parsed.return_num_input_tokens:
+            tensors.append(pb_utils.Tensor("num_input_tokens",
+                                           np.array([output.num_prompt_tokens], dtype=np.uint32)))
+        if parsed.return_num_output_tokens:  # tokens in this response, as the vLLM backend
+            tensors.append(pb_utils.Tensor("num_output_tokens",
+                                           np.array([len(output.token_ids)], dtype=np.uint32)))
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def _send_error(self, state: _LiveRequest, code: str, reason: str, message: str) -> None:
+        self._metrics.request_failed(reason)
+        self._metrics.flush()
+        if code == "INTERNAL":
+            _log("error", f"request {state.request_id} failed: {message}")
+        else:
+            _log("verbose", f"request {state.request_id}: {code}: {message}")
+        response = pb_utils.InferenceResponse(error=_triton_error(message, code))
+        self._send(state, response, _FINAL)
+
+    def _send(self, state: _LiveRequest, response: Any, flags: int) -> None:
+        try:
+            state.sender.send(response, flags=flags)
+        except Exception as error:  # e.g. the client is gone; nothing else to do for it
+            _log("warn", f"request {state.request_id}: sending a response failed: {error}")
+        if flags & _FINAL:
+            state.request = state.sender = None
+
+    def _poll_cancelled(self, live: dict[str, _LiveRequest]) -> None:
+        for request_id, state in list(live.items()):
+            try:
+                cancelled = state.sender.is_cancelled()
+            except Exception:
+                cancelled = False
+            if not cancelled:
+                continue
+            if state.parsed is not None:
+                try:
+                    self._engine.abort(request_id)
+                except Exception as error:
+                    _log("warn", f"request {request_id}: abort failed: {error}")
+            self._send_error(state, "CANCELLED", "cancelled", "the request was cancelled")
+            del live[request_id]
+
+    def _update_stats(self) -> None:
+        try:
+            self._metrics.engine_stats(self._engine.stats())
+            self._metrics.flush()
+        except Exception as error:
+            message = f"updating metrics failed: {error!r}"
+            if message != self._last_stats_error:  # every STATS_POLL_S: say it once
+                _log("warn", message)
+                self._last_stats_error = message
+
+
+def _failed(request_id: str, error: BaseException) -> RequestOutput:
+    return RequestOutput(request_id=request_id, finished=True, error=error)
+
+
+def _engine_overrides(model_config: dict[str, Any]) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    parameter = model_config.get("parameters", {}).get("engine_args", {}).get("string_value")
+    sources = ((parameter, "config.pbtxt parameter engine_args"),
+               (os.environ.get(ENGINE_ARGS_ENV), f"environment variable {ENGINE_ARGS_ENV}"))
+    for text, source in sources:
+        if not text:
+            continue
+        try:
+            values = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"{source} is not valid JSON: {error}") from error
+        if not isinstance(values, dict):
+            raise ValueError(f"{source} must be a JSON object, got {text!r}")
+        overrides.update(values)
+    return overrides

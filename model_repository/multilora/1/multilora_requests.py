@@ -1,0 +1,158 @@
+"""Read and validate one Triton request into the arguments of ``engine.add_request``.
+
+Everything wrong with a request raises ``InvalidRequestError`` naming the input or parameter at
+fault (the model answers it with INVALID_ARG). What only the engine can judge (prompt length,
+max_tokens against the context, whether an adapter exists) is left to ``add_request``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+
+# Request parameters that are transport or model-input settings, never sampling parameters
+# (used when sampling parameters come from the request parameters, as in the generate endpoint).
+_TRANSPORT_PARAMETERS = frozenset({
+    "lora_name", "stream", "exclude_input_in_output", "return_finish_reason",
+    "return_num_input_tokens", "return_num_output_tokens", "binary_data_output", "priority",
+    "timeout", "sequence_id", "sequence_start", "sequence_end", "headers",
+})
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    params: SamplingParams
+    lora_name: str | None  # None: the base model
+    stream: bool = False
+    exclude_input_in_output: bool = False
+    return_finish_reason: bool = False
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
+
+
+def parse_request(request: Any) -> ParsedRequest:
+    """Validate one ``pb_utils.InferenceRequest``; raises InvalidRequestError."""
+    prompt = _string_input(request, "text_input")
+    token_ids = _token_ids_input(request)
+    if (prompt is None) == (token_ids is None):
+        raise InvalidRequestError(
+            "exactly one of the inputs text_input and input_ids is required, got "
+            + ("both" if prompt is not None else "neither"))
+    request_parameters = _request_parameters(request)
+    sampling_text = _string_input(request, "sampling_parameters")
+    if sampling_text is not None:
+        sampling = _json_object(sampling_text, "sampling_parameters")
+    else:  # as Triton's vLLM backend: the request parameters are the sampling parameters
+        sampling = {k: v for k, v in request_parameters.items()
+                    if k not in _TRANSPORT_PARAMETERS and not k.startswith("triton_")}
+    lora_name = _resolve_adapter(_string_input(request, "lora_name"), sampling, request_parameters)
+    params = SamplingParams.from_dict(sampling, ignore=("lora_name",))
+    return ParsedRequest(
+        prompt=prompt,
+        prompt_token_ids=token_ids,
+        params=params,
+        lora_name=lora_name,
+        stream=_bool_input(request, "stream"),
+        exclude_input_in_output=_bool_input(request, "exclude_input_in_output"),
+        return_finish_reason=_bool_input(request, "return_finish_reason"),
+        return_num_input_tokens=_bool_input(request, "return_num_input_tokens"),
+        return_num_output_tokens=_bool_input(request, "return_num_output_tokens"),
+    )
+
+
+def check_adapter_name(name: str, source: str) -> str | None:
+    """A plain adapter name, or None (the base model) when empty. Names are ids, never paths."""
+    name = name.strip()
+    if not name:
+        return None
+    if "/" in name or "\\" in name or ".." in name or any(ord(c) < 32 for c in name):
+        raise InvalidRequestError(
+            f"lora_name {name!r} (from {source}) is not a plain adapter name: it must not contain "
+            "'/', '\\', '..' or control characters")
+    return name
+
+
+def _resolve_adapter(tensor_value: str | None, sampling: dict[str, Any],
+                     request_parameters: dict[str, Any]) -> str | None:
+    """First non-empty of: the lora_name input, sampling_parameters["lora_name"], the request
+    parameter lora_name."""
+    candidates = (
+        (tensor_value, "the lora_name input"),
+        (sampling.get("lora_name"), "sampling_parameters.lora_name"),
+        (request_parameters.get("lora_name"), "the request parameter lora_name"),
+    )
+    for value, source in candidates:
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise InvalidRequestError(f"lora_name (from {source}) must be a string, got {value!r}")
+        name = check_adapter_name(value, source)
+        if name is not None:
+            return name
+    return None
+
+
+def _tensor(request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def _string_input(request: Any, name: str) -> str | None:
+    array = _tensor(request, name)
+    if array is None:
+        return None
+    if array.size != 1:
+        raise InvalidRequestError(f"input {name} must hold exactly one string, got shape {array.shape}")
+    value = array.reshape(-1)[0]
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidRequestError(f"input {name} is not valid UTF-8 ({error})") from error
+    return str(value)
+
+
+def _bool_input(request: Any, name: str) -> bool:
+    array = _tensor(request, name)
+    if array is None:
+        return False
+    if array.size != 1:
+        raise InvalidRequestError(f"input {name} must hold exactly one BOOL, got shape {array.shape}")
+    return bool(array.reshape(-1)[0])
+
+
+def _token_ids_input(request: Any) -> list[int] | None:
+    array = _tensor(request, "input_ids")
+    if array is None:
+        return None
+    ids = [int(t) for t in array.reshape(-1)]
+    if not ids:
+        raise InvalidRequestError("input input_ids must not be empty")
+    if min(ids) < 0:
+        raise InvalidRequestError(f"input input_ids holds a negative token id ({min(ids)})")
+    return ids
+
+
+def _request_parameters(request: Any) -> dict[str, Any]:
+    text = request.parameters()
+    if not text:
+        return {}
+    return _json_object(text, "request parameters")
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise InvalidRequestError(f"{what} is not valid JSON ({error})") from error
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
