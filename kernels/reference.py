@@ -54,10 +54,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group = num_heads // num_kv_heads
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
+    decode = [s for s in range(len(lens)) if starts[s + 1] - starts[s] == 1]
+    if decode:
+        _decode_batched(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+                        decode, out)
     for s, ctx_len in enumerate(lens):
         q_start, q_end = starts[s], starts[s + 1]
         q_len = q_end - q_start
-        if q_len == 0:
+        if q_len <= 1:
             continue
         num_blocks = (ctx_len + block_size - 1) // block_size
         blocks = block_tables[s, :num_blocks].long()
@@ -76,6 +80,32 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         probs = torch.softmax(scores, dim=-1)
         out[q_start:q_end] = torch.matmul(probs, v.float()).transpose(0, 1).to(q.dtype)
     return out
+
+
+def _decode_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, sliding_window: int | None,
+                    decode: list[int], out: torch.Tensor) -> None:
+    """The one-new-token sequences of paged_attention in one batched computation (padded keys)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    seqs = torch.tensor(decode, device=q.device)
+    lens = seq_lens.long().index_select(0, seqs)  # [Sd]
+    num_blocks = int((lens.max() + block_size - 1) // block_size)
+    tables = block_tables.index_select(0, seqs)[:, :num_blocks].long()  # [Sd, MB]
+    num_seqs = len(decode)
+    k = k_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2).float()  # [Sd, KVH, N, D]
+    v = v_cache[tables].reshape(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2).float()
+    rows = query_start_loc.long().index_select(0, seqs)  # the token of each sequence
+    qs = q.index_select(0, rows).view(num_seqs, num_kv_heads, group, head_dim).float()  # [Sd, KVH, G, D]
+    scores = torch.matmul(qs, k.transpose(2, 3)) * scale  # [Sd, KVH, G, N]
+    k_pos = torch.arange(k.shape[2], device=q.device)[None, :]
+    mask = k_pos < lens[:, None]  # the query sits at position len - 1
+    if sliding_window is not None:
+        mask &= k_pos > lens[:, None] - 1 - sliding_window
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out[rows] = torch.matmul(probs, v).reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
 def read_paged(pool: torch.Tensor, layer: int, page_table: torch.Tensor, offset: int, num_elements: int) -> torch.Tensor:
