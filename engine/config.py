@@ -137,6 +137,9 @@ class EngineConfig:
     load_format: str = "safetensors"  # or "dummy": random weights of the config's shape (benchmarks)
     dtype: str = "auto"  # auto: float16 on CUDA, float32 on CPU; or float32/float16/bfloat16
     device: str = "auto"  # auto: cuda if available
+    # auto: Triton kernels on CUDA, pure-torch references on CPU; "reference": the references
+    # everywhere (debugging); "triton": the kernels everywhere (on CPU under TRITON_INTERPRET=1)
+    kernels: str = "auto"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -159,6 +162,8 @@ class EngineConfig:
             raise ValueError("engine config: 'model' (path of the base model directory) is required")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"engine config: load_format {self.load_format!r} must be safetensors or dummy")
+        if self.kernels not in ("auto", "reference", "triton"):
+            raise ValueError(f"engine config: kernels {self.kernels!r} must be auto, reference or triton")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"engine config: dtype {self.dtype!r} must be auto, float32, float16 or bfloat16")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank",

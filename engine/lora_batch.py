@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine import ops
+from engine.ops import Ops
 from engine.adapters import PackedAdapter
 
 # fused projections of the model and the LoRA modules whose outputs they hold, in order
@@ -20,7 +20,7 @@ class LoRABatch:
     [NS, NPROJ] int64, scales [NS, NPROJ] float32.
     """
 
-    def __init__(self, token_adapters: list[str | None], adapters: dict[str, PackedAdapter],
+    def __init__(self, ops: Ops, token_adapters: list[str | None], adapters: dict[str, PackedAdapter],
                  adapter_pages: dict[str, list[int]], out_sizes: dict[str, int], device: torch.device) -> None:
         names = sorted(adapters)
         slot_of = {name: i for i, name in enumerate(names)}
@@ -32,7 +32,9 @@ class LoRABatch:
         max_pages = max(len(adapter_pages[n]) for n in names)
         self.page_tables = torch.tensor([adapter_pages[n] + [0] * (max_pages - len(adapter_pages[n])) for n in names],
                                         dtype=torch.int32, device=device)
+        self.kernel_meta = ops.lora_meta(self.token_slots, self.num_slots)  # tiles by adapter, once per step
         self.meta = {}
+        self._z: dict[str, torch.Tensor] = {}  # per group, reused by every layer
         for group, modules in GROUPS.items():
             packed = [adapters[n] for n in names]
             ranks = torch.tensor([[p.ranks[m] for m in modules] for p in packed], dtype=torch.int32)
@@ -46,11 +48,14 @@ class LoRABatch:
             self.meta[group] = (ranks.to(device), a_off.to(device), b_off.to(device), scales.to(device),
                                 offsets, sizes, int(ranks.max()))
 
-    def apply(self, y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, layer: int, group: str) -> None:
+    def apply(self, ops: Ops, y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, layer: int, group: str) -> None:
         """y += LoRA(x) for the modules of ``group``; y: [T, N_total] fused output, x: [T, K]."""
         if self.num_slots == 0 or group not in self.meta:
             return
         ranks, a_off, b_off, scales, offsets, sizes, max_rank = self.meta[group]
-        z = torch.empty(x.shape[0], len(sizes), max_rank, dtype=torch.float32, device=x.device)
-        ops.lora_shrink(x, pool, layer, self.token_slots, self.page_tables, ranks, a_off, z)
-        ops.lora_expand(z, pool, layer, self.token_slots, self.page_tables, ranks, b_off, scales, y, offsets, sizes)
+        z = self._z.get(group)
+        if z is None:  # [T, NPROJ, R_MAX] float32
+            z = self._z[group] = torch.empty(x.shape[0], len(sizes), max_rank, dtype=torch.float32, device=x.device)
+        ops.lora_shrink(x, pool, layer, self.token_slots, self.page_tables, ranks, a_off, z, self.kernel_meta)
+        ops.lora_expand(z, pool, layer, self.token_slots, self.page_tables, ranks, b_off, scales, y, offsets, sizes,
+                        self.kernel_meta)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine import ops
+from engine.ops import Ops
 from engine.config import ModelConfig
 from engine.lora_batch import LoRABatch
 from engine.rope import RotaryCache
@@ -21,14 +21,16 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [S+1] int32
     seq_lens: torch.Tensor  # [S] int32, context length after this step
     block_tables: torch.Tensor  # [S, MB] int32
-    max_query_len: int
+    max_query_len: int  # host ints: the longest new-token chunk and context of the step
+    max_seq_len: int
 
 
 class Transformer:
     """Holds the weights (engine layout, see checkpoint.load_weights) and runs a forward pass."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int) -> None:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int, ops: Ops) -> None:
         self.config = config
+        self.ops = ops
         self.w = weights
         embed = weights["embed"]
         self.device, self.dtype = embed.device, embed.dtype
@@ -43,7 +45,7 @@ class Transformer:
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logits_indices: torch.Tensor) -> torch.Tensor:
         """input_ids: [T]; pool: [P, L, PAGE] unified page pool; kv_caches: per layer (K, V) views of
         it, each [P, BS, KVH, D]; logits_indices: [N] -> logits [N, V] float32."""
-        c, w = self.config, self.w
+        c, w, ops = self.config, self.w, self.ops
         num_tokens = input_ids.shape[0]
         hidden = w["embed"].index_select(0, input_ids)  # [T, H]
         cos, sin = self.rotary.lookup(attn.positions)
@@ -52,7 +54,7 @@ class Transformer:
             hidden, residual = ops.add_rms_norm(hidden, residual, w[f"{i}.input_norm"], c.rms_norm_eps)
             # attention block
             qkv = ops.linear(hidden, w[f"{i}.qkv"], w.get(f"{i}.qkv_bias"))  # [T, q + 2kv]
-            lora.apply(qkv, hidden, pool, i, "qkv")
+            lora.apply(ops, qkv, hidden, pool, i, "qkv")
             q = qkv[:, :self.q_size].view(num_tokens, c.num_heads, c.head_dim)
             k = qkv[:, self.q_size:self.q_size + self.kv_size].view(num_tokens, c.num_kv_heads, c.head_dim)
             v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, c.num_kv_heads, c.head_dim)
@@ -62,15 +64,15 @@ class Transformer:
             out = ops.attention(q, k_cache, v_cache, attn, self.scale, c.sliding_window)
             out = out.reshape(num_tokens, self.q_size)
             o = ops.linear(out, w[f"{i}.o"], w.get(f"{i}.o_bias"))
-            lora.apply(o, out, pool, i, "o")
+            lora.apply(ops, o, out, pool, i, "o")
             hidden, residual = ops.add_rms_norm(o, residual, w[f"{i}.post_norm"], c.rms_norm_eps)
             # MLP block
             gate_up = ops.linear(hidden, w[f"{i}.gate_up"], w.get(f"{i}.gate_up_bias"))  # [T, 2I]
-            lora.apply(gate_up, hidden, pool, i, "gate_up")
+            lora.apply(ops, gate_up, hidden, pool, i, "gate_up")
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up
             down = ops.linear(act, w[f"{i}.down"], w.get(f"{i}.down_bias"))
-            lora.apply(down, act, pool, i, "down")
+            lora.apply(ops, down, act, pool, i, "down")
             hidden = down
         hidden, _ = ops.add_rms_norm(hidden, residual, w["norm"], c.rms_norm_eps)
         hidden = hidden.index_select(0, logits_indices)

@@ -10,6 +10,7 @@ from engine.checkpoint import load_weights, random_weights
 from engine.config import EngineConfig, ModelConfig
 from engine.lora_batch import LoRABatch
 from engine.model import AttentionMetadata, Transformer
+from engine.ops import Ops
 from engine.page_manager import PageManager
 from engine.sampler import sample
 from engine.scheduler import StepPlan
@@ -37,7 +38,8 @@ class ModelRunner:
             weights = random_weights(model_config, self.dtype, self.device, config.seed)
         else:
             weights = load_weights(config.model, model_config, self.dtype, self.device)
-        self.model = Transformer(model_config, weights, max_model_len)
+        self.ops = Ops(use_kernels=config.kernels == "triton" or (config.kernels == "auto" and self.device.type == "cuda"))
+        self.model = Transformer(model_config, weights, max_model_len, self.ops)
         c = model_config
         self.block_size = config.block_size
         # one page = one KV block (K and V, block_size tokens) per layer
@@ -95,8 +97,8 @@ class ModelRunner:
             query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
             seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
             block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device)[None],
-            max_query_len=num_tokens)
-        lora = LoRABatch([], {}, {}, {}, self.device)
+            max_query_len=num_tokens, max_seq_len=num_tokens)
+        lora = LoRABatch(self.ops, [], {}, {}, {}, self.device)
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         self.model.forward(ids, attn, lora, scratch, self._kv_views(scratch),
                            torch.arange(min(num_tokens, cfg.max_num_seqs), device=self.device))
@@ -166,9 +168,10 @@ class ModelRunner:
             block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32,
                                       device=dev),
             max_query_len=max(item.num_new_tokens for item in plan.batch),
+            max_seq_len=max(seq_lens),
         )
         in_step = {name: adapters[name] for name in set(token_adapters) if name is not None}
-        lora = LoRABatch(token_adapters, in_step, {n: pages.adapter_pages(n) for n in in_step}, self.out_sizes, dev)
+        lora = LoRABatch(self.ops, token_adapters, in_step, {n: pages.adapter_pages(n) for n in in_step}, self.out_sizes, dev)
         logits = self.model.forward(torch.tensor(input_ids, dtype=torch.int64, device=dev), attn, lora, self.pool,
                                     self.kv_caches, torch.tensor(logits_indices, dtype=torch.int64, device=dev))
         if not sampling_seqs:

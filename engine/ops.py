@@ -1,6 +1,7 @@
-"""The op boundary of the model: each op runs a Triton kernel on CUDA or its pure-torch twin.
+"""The op boundary of the model: Triton kernels on CUDA, their pure-torch twins elsewhere.
 
-The Triton-language kernels plug in here; everything else in the engine calls only these.
+The engine calls only these. ``Ops(use_kernels=False)`` forces the references on CUDA too
+(engine.json ``"kernels": "reference"``), for debugging.
 """
 from __future__ import annotations
 
@@ -15,38 +16,59 @@ if TYPE_CHECKING:
     from engine.model import AttentionMetadata
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, weight, bias)
+class Ops:
+    def __init__(self, use_kernels: bool) -> None:
+        self.use_kernels = use_kernels
+        if use_kernels:  # Triton modules are imported only when used (CPU runs stay Triton-free)
+            from kernels import lora_expand, lora_meta, lora_shrink, paged_attention
+            self._shrink, self._expand = lora_shrink.lora_shrink, lora_expand.lora_expand
+            self._attention, self._meta = paged_attention.attention, lora_meta.LoRAStepMeta
 
+    @staticmethod
+    def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """residual += x, then normalise; returns (normed, new residual)."""
-    residual = x if residual is None else residual + x
-    return reference.rms_norm(residual, weight, eps), residual
+    @staticmethod
+    def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual += x, then normalise; returns (normed, new residual)."""
+        residual = x if residual is None else residual + x
+        return reference.rms_norm(residual, weight, eps), residual
 
+    @staticmethod
+    def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return reference.apply_rotary(x, cos, sin)
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return reference.apply_rotary(x, cos, sin)
+    @staticmethod
+    def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
 
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: "AttentionMetadata",
+                  scale: float, sliding_window: int | None) -> torch.Tensor:
+        if self.use_kernels:
+            return self._attention(q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.query_start_loc,
+                                   scale, sliding_window, attn.max_query_len, max_seq_len=attn.max_seq_len)
+        return reference.paged_attention(q, k_cache, v_cache, attn.block_tables, attn.seq_lens,
+                                         attn.query_start_loc, scale, sliding_window)
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    def lora_meta(self, token_slots: torch.Tensor, num_slots: int):
+        """Per-step metadata of the LoRA kernels (None for the references)."""
+        return self._meta.build(token_slots, num_slots) if self.use_kernels else None
 
+    def lora_shrink(self, x, pool, layer, token_slots, page_tables, ranks, a_offsets, z, meta) -> None:
+        """z[t, p, :r] = x[t] A_p^T through the adapters' page tables (BGMV/SGMV shrink)."""
+        if self.use_kernels:
+            self._shrink(x, pool, layer, token_slots, page_tables, ranks, a_offsets, z, meta=meta)
+        else:
+            reference.lora_shrink(x, pool, layer, token_slots, page_tables, ranks, a_offsets, z)
 
-def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: "AttentionMetadata",
-              scale: float, sliding_window: int | None) -> torch.Tensor:
-    return reference.paged_attention(q, k_cache, v_cache, attn.block_tables, attn.seq_lens,
-                                     attn.query_start_loc, scale, sliding_window)
-
-
-def lora_shrink(x, pool, layer, token_slots, page_tables, ranks, a_offsets, z) -> None:
-    """z[t, p, :r] = x[t] A_p^T through the adapters' page tables (BGMV/SGMV shrink)."""
-    reference.lora_shrink(x, pool, layer, token_slots, page_tables, ranks, a_offsets, z)
-
-
-def lora_expand(z, pool, layer, token_slots, page_tables, ranks, b_offsets, scales, y, out_offsets, out_sizes) -> None:
-    """y[t, off_p:off_p+N_p] += scale_p z[t, p, :r] B_p^T through the page tables (expand)."""
-    reference.lora_expand(z, pool, layer, token_slots, page_tables, ranks, b_offsets, scales, y, out_offsets,
-                          out_sizes)
+    def lora_expand(self, z, pool, layer, token_slots, page_tables, ranks, b_offsets, scales, y, out_offsets,
+                    out_sizes, meta) -> None:
+        """y[t, off_p:off_p+N_p] += scale_p z[t, p, :r] B_p^T through the page tables (expand)."""
+        if self.use_kernels:
+            self._expand(z, pool, layer, token_slots, page_tables, ranks, b_offsets, scales, y, out_offsets,
+                         out_sizes, meta=meta)
+        else:
+            reference.lora_expand(z, pool, layer, token_slots, page_tables, ranks, b_offsets, scales, y,
+                                  out_offsets, out_sizes)

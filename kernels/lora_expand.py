@@ -1,0 +1,177 @@
+"""LoRA expand: y[t, off_p : off_p + N_p] += scale_p * z[t, p, :r] B_p^T, NPROJ projections per launch.
+
+Grid: (tile, column range, projection). A tile is up to BLOCK_M tokens of one adapter
+(LoRAStepMeta); its program loads the tokens' z once (BLOCK_R >= R_MAX columns, masked by the
+adapter's own rank, so adapters of different ranks share one launch) and walks its column range
+in BLOCK_N steps. Twin: kernels.reference.lora_expand.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import tiles
+from kernels.lora_common import check_lora_args, row_offsets, row_pages, vec_width
+from kernels.lora_meta import LoRAStepMeta
+
+# projections per launch; the launcher splits larger groups
+MAX_PROJ = 4
+
+
+@triton.jit
+def _expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
+                   n_lo, n_hi, scale, page_stride, layer_offset,
+                   PAGE: tl.constexpr, VEC: tl.constexpr, BLOCK_N: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    if ROW_IN_TWO_PAGES:  # page ids once per B^T row; the loop's loads then depend on no other load
+        in_page, first, second = row_pages(page_table_ptr, num_pages, row_start, n_size, r_mask, page_stride, PAGE)
+    cols = tl.arange(0, BLOCK_N)
+    y_row_ptrs = y_ptr + y_rows[:, None]  # [BLOCK_M, 1]
+    # y is read one step ahead (the pipeliner stages only the dot's operands), so its latency overlaps
+    y_next = tl.load(y_row_ptrs + (n_lo + cols)[None, :], mask=m_mask[:, None] & ((n_lo + cols) < n_size)[None, :],
+                     other=0.0)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + cols
+        n_mask = offs_n < n_size  # a chunk passes n_hi only at the end of the row
+        y = y_next
+        next_n = offs_n + BLOCK_N
+        next_mask = (next_n < n_size) & (next_n < n_hi)  # n_hi is a multiple of BLOCK_N from n_lo, or n_size
+        y_next = tl.load(y_row_ptrs + next_n[None, :], mask=m_mask[:, None] & next_mask[None, :], other=0.0)
+        if ROW_IN_TWO_PAGES:
+            b_offs = row_offsets(in_page, first, second, n0, layer_offset, PAGE, BLOCK_N, VEC)
+        else:
+            piece_in_page, piece_first, piece_second = row_pages(page_table_ptr, num_pages, row_start + n0, BLOCK_N,
+                                                                 r_mask, page_stride, PAGE)
+            b_offs = row_offsets(piece_in_page, piece_first, piece_second, 0, layer_offset, PAGE, BLOCK_N, VEC)
+        b = tl.load(pool_ptr + b_offs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+        acc = tl.dot(zt, b, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        tl.store(y_row_ptrs + offs_n[None, :], (y.to(tl.float32) + acc * scale).to(y.dtype),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _lora_expand_kernel(
+    z_ptr, pool_ptr, y_ptr,
+    sorted_ids_ptr, tile_starts_ptr, tile_lens_ptr, tile_slots_ptr,
+    page_tables_ptr, ranks_ptr, b_offsets_ptr, scales_ptr,
+    N0, N1, N2, N3, OFF0, OFF1, OFF2, OFF3,  # column count and y offset of each projection
+    cols_per_program, num_pages, layer_offset, page_stride,
+    y_stride_t, pt_stride_s, z_stride_t, z_stride_p,
+    NPROJ: tl.constexpr, PROJ_BASE: tl.constexpr, PAGE: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    local_proj = tl.program_id(2)
+    proj = PROJ_BASE + local_proj  # index into the [NS, NPROJ] tables and z
+    n_size = tl.where(local_proj == 0, N0, tl.where(local_proj == 1, N1, tl.where(local_proj == 2, N2, N3)))
+    y_offset = tl.where(local_proj == 0, OFF0, tl.where(local_proj == 1, OFF1, tl.where(local_proj == 2, OFF2, OFF3)))
+    tile_len = tl.load(tile_lens_ptr + pid_tile)
+    slot = tl.load(tile_slots_ptr + pid_tile)
+    rank = tl.load(ranks_ptr + slot * NPROJ + proj, mask=slot >= 0, other=0)
+    n_lo = pid_n * cols_per_program
+    if (tile_len == 0) | (slot < 0) | (rank == 0) | (n_lo >= n_size):
+        return
+    n_hi = tl.minimum(n_lo + cols_per_program, n_size)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < tile_len
+    tok = tl.load(sorted_ids_ptr + tl.load(tile_starts_ptr + pid_tile) + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)  # BLOCK_R >= R_MAX: the whole rank in one step, masked by this slot's rank
+    r_mask = offs_r < rank
+    zt = tl.load(z_ptr + (tok * z_stride_t + proj * z_stride_p)[:, None] + offs_r[None, :],
+                 mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] fp32
+    zt = zt.to(pool_ptr.dtype.element_ty)
+    b_offset = tl.load(b_offsets_ptr + slot * NPROJ + proj).to(tl.int32)
+    scale = tl.load(scales_ptr + slot * NPROJ + proj)
+    row_start = b_offset + offs_r * n_size  # [BLOCK_R] virtual start of each B^T row
+    page_table_ptr = page_tables_ptr + slot * pt_stride_s
+    y_rows = tok * y_stride_t + y_offset  # [BLOCK_M]
+    if b_offset % VEC == 0:  # 16-byte loads need the adapter's rows aligned, checked per slot
+        _expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
+                       n_lo, n_hi, scale, page_stride, layer_offset,
+                       PAGE, VEC, BLOCK_N, ROW_IN_TWO_PAGES, DOT_PRECISION)
+    else:
+        _expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
+                       n_lo, n_hi, scale, page_stride, layer_offset,
+                       PAGE, 1, BLOCK_N, ROW_IN_TWO_PAGES, DOT_PRECISION)
+
+
+def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: torch.Tensor,
+                page_tables: torch.Tensor, ranks: torch.Tensor, b_offsets: torch.Tensor, scales: torch.Tensor,
+                y: torch.Tensor, out_offsets: list[int], out_sizes: list[int], *,
+                meta: LoRAStepMeta | None = None, config: tiles.ExpandTiles | None = None) -> None:
+    """y[t, off_p : off_p + N_p] += scale_p * z[t, p, :r] B_p^T for every token with an adapter, in place.
+
+    z: [T, NPROJ, R_MAX] float32 contiguous, from lora_shrink
+    pool: [P, L, PAGE] contiguous, same dtype as y
+    layer: 0 <= layer < L
+    token_slots: [T] int32 adapter slot per token, -1 = none (such tokens' rows of y are untouched)
+    page_tables: [NS, MP] int32, each slot's pages in order
+    ranks: [NS, NPROJ] int32, 0 = module absent; every rank <= R_MAX <= 256
+    b_offsets: [NS, NPROJ] int64, virtual offset of B_p^T ([r, N_p] row-major); offsets < 2**31
+    scales: [NS, NPROJ] float32
+    y: [T, N_total] fp16/bf16/fp32, unit stride along N
+    out_offsets, out_sizes: [NPROJ] host ints, where each projection's output sits in y
+    meta: the step's LoRAStepMeta (built here when None; build it once per step instead)
+    config: tile override (tests, benchmarks); default from kernels.tiles
+    """
+    if y.dim() != 2 or y.stride(1) != 1:
+        raise ValueError(f"lora_expand: y must be [T, N] with unit stride along N, got shape {tuple(y.shape)} "
+                         f"strides {y.stride()}")
+    num_tokens, n_total = y.shape
+    check_lora_args("lora_expand", pool, layer, token_slots, page_tables, ranks, b_offsets, "b_offsets",
+                    z, num_tokens)
+    num_slots, num_pages = page_tables.shape
+    num_proj, r_max = z.shape[1], z.shape[2]
+    if scales.dtype != torch.float32 or scales.shape != (num_slots, num_proj) or not scales.is_contiguous():
+        raise ValueError(f"lora_expand: scales must be a contiguous float32 [{num_slots}, {num_proj}] tensor, "
+                         f"got {scales.dtype} {tuple(scales.shape)}")
+    if y.dtype != pool.dtype or y.device != pool.device or scales.device != pool.device:
+        raise ValueError(f"lora_expand: y is {y.dtype} on {y.device}, scales on {scales.device}, "
+                         f"pool is {pool.dtype} on {pool.device}")
+    if len(out_offsets) != num_proj or len(out_sizes) != num_proj:
+        raise ValueError(f"lora_expand: out_offsets and out_sizes need {num_proj} entries (z.shape[1]), got "
+                         f"{len(out_offsets)} and {len(out_sizes)}")
+    for off, n in zip(out_offsets, out_sizes):
+        if n <= 0 or off < 0 or off + n > n_total:
+            raise ValueError(f"lora_expand: projection at y[:, {off}:{off + n}] does not fit y of {n_total} columns")
+    if r_max > tiles.MAX_RANK:
+        raise ValueError(f"lora_expand: R_MAX = {r_max} > {tiles.MAX_RANK} is not supported")
+    if num_tokens == 0:
+        return
+    page_size = pool.shape[2]
+    on_gpu = pool.device.type == "cuda"
+    if meta is None:
+        meta = LoRAStepMeta.build(token_slots, num_slots)
+    meta.check(token_slots, num_slots)
+    if config is None:
+        num_sms = torch.cuda.get_device_properties(pool.device).multi_processor_count if on_gpu else 1
+        config = tiles.expand_tiles(meta.max_tiles, max(out_sizes), num_proj, page_size, meta.block_m, num_sms, on_gpu)
+    block_r = tiles.expand_block_r(r_max)
+    row_in_two_pages = max(out_sizes) <= page_size
+    if not row_in_two_pages and config.block_n > page_size:
+        raise ValueError(f"lora_expand: block_n {config.block_n} exceeds the page size {page_size} (rows of "
+                         f"N = {max(out_sizes)} are read in page-sized pieces)")
+    cols_per_program = config.block_n * config.chunks_per_program
+    for base in range(0, num_proj, MAX_PROJ):
+        sizes = list(out_sizes[base:base + MAX_PROJ])
+        offsets = list(out_offsets[base:base + MAX_PROJ])
+        count = len(sizes)
+        sizes += [0] * (MAX_PROJ - count)
+        offsets += [0] * (MAX_PROJ - count)
+        grid = (meta.max_tiles, tiles.cdiv(max(sizes), cols_per_program), count)
+        _lora_expand_kernel[grid](
+            z, pool, y,
+            meta.sorted_token_ids, meta.tile_starts, meta.tile_lens, meta.tile_slots,
+            page_tables, ranks, b_offsets, scales,
+            *sizes, *offsets,
+            cols_per_program, num_pages, layer * page_size, pool.stride(0),
+            y.stride(0), page_tables.stride(0), z.stride(0), z.stride(1),
+            NPROJ=num_proj, PROJ_BASE=base, PAGE=page_size, VEC=vec_width(page_size, *out_sizes[base:base + count]),
+            BLOCK_M=meta.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, ROW_IN_TWO_PAGES=row_in_two_pages,
+            DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )

@@ -1,0 +1,124 @@
+"""Tile sizes for every kernel in one place: launchers ask here and never pick sizes themselves.
+
+GPU choices come from the sweeps of bench/kernels.py --sweep on an H100 80GB (docs/KERNELS.md);
+CPU choices (TRITON_INTERPRET=1) are small tiles that still walk every code path, since the
+interpreter's cost grows with tile area.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# a tl.dot operand needs at least 16 rows and columns
+MIN_DOT = 16
+# largest LoRA rank (R_MAX) the expand kernel takes in one step
+MAX_RANK = 256
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def prev_pow2(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class ShrinkTiles:
+    block_k: int  # elements of K per loop step (also the width of one paged row piece: <= PAGE)
+    block_r: int  # rank rows per program; the grid has cdiv(R_MAX, block_r) rank blocks
+    split_k: int  # programs sharing one K range; > 1 accumulates z with fp32 atomics
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class ExpandTiles:
+    block_n: int  # output columns per loop step
+    chunks_per_program: int  # loop steps per program: a program owns block_n * chunks_per_program columns
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class DecodeAttentionTiles:
+    block_n: int  # context tokens per loop step
+    num_splits: int  # context partitions per sequence (flash-decoding); 1 = no reduction pass
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class PrefillAttentionTiles:
+    block_m: int  # query tokens per program
+    block_n: int  # context tokens per loop step
+    num_warps: int
+    num_stages: int
+
+
+def lora_block_m(num_tokens: int, on_gpu: bool = True) -> int:
+    """Tokens per LoRA tile (tokens of one tile share an adapter). Decode-sized steps have few
+    tokens per adapter, so small tiles; prefill-sized steps have long segments, so large ones."""
+    if not on_gpu or num_tokens < 512:
+        return MIN_DOT
+    return 64
+
+
+def _paged_block(want: int, page_size: int) -> int:
+    # a paged row piece spans at most two pages only if it is no longer than a page
+    return max(MIN_DOT, min(want, prev_pow2(page_size)))
+
+
+def shrink_tiles(max_tiles: int, k: int, max_rank: int, num_proj: int, page_size: int, block_m: int,
+                 num_sms: int, on_gpu: bool = True) -> ShrinkTiles:
+    block_r = max(MIN_DOT, min(next_pow2(max_rank), 64 if block_m >= 64 else 32))
+    if not on_gpu:
+        return ShrinkTiles(_paged_block(32, page_size) if k > page_size else 32, MIN_DOT, 1, 1, 1)
+    block_k = 64 if block_m >= 64 else 256
+    if k > page_size:
+        block_k = _paged_block(block_k, page_size)
+    # the bytes are x and the adapters' A rows: split K until there are ~2 programs per SM
+    programs = max_tiles * num_proj * cdiv(max_rank, block_r)
+    split_k = max(1, min(cdiv(2 * num_sms, programs), cdiv(k, block_k), 16))
+    return ShrinkTiles(block_k, block_r, split_k, 4, 3)
+
+
+def expand_block_r(max_rank: int) -> int:
+    """The expand kernel covers the whole rank in one step (masked by each adapter's own rank)."""
+    return max(MIN_DOT, next_pow2(max_rank))
+
+
+def expand_tiles(max_tiles: int, max_n: int, num_proj: int, page_size: int, block_m: int, num_sms: int,
+                 on_gpu: bool = True) -> ExpandTiles:
+    if not on_gpu:
+        return ExpandTiles(_paged_block(32, page_size) if max_n > page_size else 32, 2, 1, 1)
+    block_n = 128
+    if max_n > page_size:
+        block_n = _paged_block(block_n, page_size)
+    # ~6 programs per SM, each walking several column blocks so that its loads pipeline
+    # (measured on the H100: 7 or 8 steps for decode up/qkv, 2 for down, 4 to 5 for prefill)
+    blocks = max_tiles * num_proj * cdiv(max_n, block_n)
+    chunks = max(1, min(8, blocks // (6 * num_sms)))
+    return ExpandTiles(block_n, chunks, 4, 3)
+
+
+def decode_attention_tiles(num_seqs: int, num_kv_heads: int, max_context: int, head_dim: int,
+                           num_sms: int, on_gpu: bool = True) -> DecodeAttentionTiles:
+    if not on_gpu:
+        return DecodeAttentionTiles(MIN_DOT, 1, 1, 1)
+    block_n = 32
+    programs = num_seqs * num_kv_heads
+    target = 2 * num_sms  # measured: B=64 x 8 KV heads (512 programs) runs best unsplit
+    num_splits = 1
+    if programs < target:
+        num_splits = min(cdiv(target, programs), max(1, cdiv(max_context, 4 * block_n)), 64)
+    return DecodeAttentionTiles(block_n, num_splits, 4, 4)
+
+
+def prefill_attention_tiles(head_dim: int, on_gpu: bool = True) -> PrefillAttentionTiles:
+    if not on_gpu:
+        return PrefillAttentionTiles(MIN_DOT, MIN_DOT, 1, 1)
+    return PrefillAttentionTiles(64, 64, 4, 3)
