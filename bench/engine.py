@@ -5,11 +5,17 @@ its memory-bandwidth floor: LoRA off, one adapter for the whole batch, and every
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# Run as a script, Python puts bench/ first on sys.path, where this file would shadow the
+# `engine` package: put the repository root there instead.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import argparse
 import json
 import random
 import statistics
-import sys
 import tempfile
 import time
 
@@ -32,7 +38,7 @@ def weight_bytes(engine: LLMEngine) -> int:
 def decode_step_time(engine: LLMEngine, batch: int, context: int, lora_names: list[str | None], steps: int) -> tuple[float, int]:
     """Median wall time of one decode step with ``batch`` sequences at about ``context`` tokens."""
     rng = random.Random(0)
-    params = SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=steps + 4 * context, ignore_eos=True)
     ids = []
     for i in range(batch):
         prompt = [1] + [rng.randrange(3, engine.model_config.vocab_size) for _ in range(context - 1)]

@@ -1,6 +1,7 @@
 """Owns the weights and the unified page pool on the device, and runs one scheduled step."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -116,19 +117,22 @@ class ModelRunner:
         is ordered on the current stream and None is returned.
         """
         n, L = packed.num_pages, self.model_config.num_layers
-        data = packed.data.view(L, n, self.page_size).transpose(0, 1)  # [n, L, PAGE]
         index = torch.tensor(pages, dtype=torch.int64)
-        if not prefetch or self.device.type != "cuda":
-            self.pool.index_copy_(0, index.to(self.device), data.to(self.device, non_blocking=True))
-            return None
-        if self.copy_stream is None:
-            self.copy_stream = torch.cuda.Stream(self.device)
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # pages' last readers first
-        with torch.cuda.stream(self.copy_stream):
-            staging = data.to(self.device, non_blocking=True)
-            self.pool.index_copy_(0, index.to(self.device, non_blocking=True), staging)
+        stream = None
+        if prefetch and self.device.type == "cuda":
+            if self.copy_stream is None:
+                self.copy_stream = torch.cuda.Stream(self.device)
+            stream = self.copy_stream
+            stream.wait_stream(torch.cuda.current_stream(self.device))  # the pages' last readers go first
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            # one contiguous DMA from (pinned) host memory, then the scatter into pages on the device
+            staging = packed.data.to(self.device, non_blocking=True)  # [L, n * PAGE]
+            pages_first = staging.view(L, n, self.page_size).transpose(0, 1)  # [n, L, PAGE]
+            self.pool.index_copy_(0, index.to(self.device, non_blocking=True), pages_first)
+            if stream is None:
+                return None
             event = torch.cuda.Event()
-            event.record(self.copy_stream)
+            event.record(stream)
         return event, staging
 
     def run(self, plan: StepPlan, pages: PageManager, adapters: dict[str, PackedAdapter],

@@ -26,7 +26,7 @@ def write_tokenizer(path: str) -> None:
     fast.save_pretrained(path)
 
 
-def write_checkpoint(path: str, kind: str = "llama", seed: int = 0, **overrides) -> str:
+def write_checkpoint(path: str, kind: str = "llama", seed: int = 0, std: float = 0.15, **overrides) -> str:
     """A tiny random model of the given kind: 'llama' (MHA), 'llama_gqa', 'qwen2', 'mistral', 'llama3'."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -51,7 +51,7 @@ def write_checkpoint(path: str, kind: str = "llama", seed: int = 0, **overrides)
     with torch.no_grad():  # spread the logits so greedy choices are far from ties
         for name, p in model.named_parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.15)
+                p.normal_(0, std)
             elif "bias" in name:
                 p.normal_(0, 0.1)
     model.save_pretrained(path)
