@@ -56,10 +56,11 @@ TASKS = {"": echo, "upper": upper, "reverse": reverse, "rot13": rot13}
 ADAPTERS = ("upper", "reverse", "rot13")
 
 
-def random_string(rng: random.Random, min_len: int = 1, max_len: int = MAX_LEN) -> str:
-    """One string: length uniform in [min_len, max_len], characters uniform over ALPHABET."""
+def random_string(rng: random.Random, min_len: int = 1, max_len: int = MAX_LEN,
+                  alphabet: str = ALPHABET) -> str:
+    """One string: length uniform in [min_len, max_len], characters uniform over ``alphabet``."""
     n = rng.randint(min_len, max_len)
-    return "".join(rng.choice(ALPHABET) for _ in range(n))
+    return "".join(rng.choice(alphabet) for _ in range(n))
 
 
 def random_strings(n: int, seed: int) -> list[str]:
