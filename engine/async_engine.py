@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from engine.config import EngineConfig
@@ -37,6 +38,10 @@ class AsyncEngine:
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # adapters read from disk off the request path; request id -> aborted while loading
+        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="multilora-adapter-loader")
+        self._loading: dict[str, bool] = {}
+        self._loading_lock = threading.Lock()
 
     @classmethod
     def from_files(cls, engine_json: str, multi_lora_json: str | None = None,
@@ -63,6 +68,7 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self) -> None:
+        self._loader.shutdown(wait=True, cancel_futures=True)
         self._stop.set()
         self._commands.put(("wake", None))
         if self._thread is not None:
@@ -79,16 +85,49 @@ class AsyncEngine:
     # --- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
                     params: SamplingParams, lora_name: str | None, on_output: OutputCallback) -> None:
-        seq = self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, lora_name)
+        """Validate now (raising EngineError subclasses); an adapter that must come from disk is
+        read on a loader thread, so neither the caller nor the engine loop waits for it."""
         if self.stats().num_waiting + self._commands.qsize() >= self.config.max_waiting_requests:
-            self.engine.release(seq)
             raise EngineOverloadedError(
                 f"{self.config.max_waiting_requests} requests are already waiting (max_waiting_requests); "
                 "try again later")
+        if lora_name and not self.engine.lora.is_in_host(lora_name):
+            self.engine.lora.resolve(lora_name)  # unknown or malformed names fail here, at once
+            self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, None)  # the rest of the checks
+            with self._loading_lock:
+                self._loading[request_id] = False  # True once aborted
+            self._loader.submit(self._load_and_add, request_id, prompt, prompt_token_ids, params, lora_name,
+                                on_output)
+            return
+        seq = self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, lora_name)
         self._commands.put(("add", (seq, on_output)))
 
     def abort(self, request_id: str) -> None:
+        with self._loading_lock:
+            if request_id in self._loading:
+                self._loading[request_id] = True
+                return
         self._commands.put(("abort", request_id))
+
+    def _load_and_add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
+                      params: SamplingParams, lora_name: str, on_output: OutputCallback) -> None:
+        """Loader thread: read the adapter from disk, then hand the request to the loop."""
+        try:
+            seq = self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, lora_name)
+        except Exception as e:
+            with self._loading_lock:
+                self._loading.pop(request_id, None)
+            error = e if isinstance(e, EngineError) else EngineError(f"loading adapter '{lora_name}' failed: {e}")
+            on_output(RequestOutput(request_id=request_id, finished=True, finish_reason="error", error=error))
+            return
+        with self._loading_lock:
+            aborted = self._loading.pop(request_id, False)
+        if aborted:
+            self.engine.release(seq)
+            on_output(RequestOutput(request_id=request_id, finished=True, finish_reason="abort",
+                                    num_prompt_tokens=seq.num_prompt_tokens))
+            return
+        self._commands.put(("add", (seq, on_output)))
 
     def stats(self) -> EngineStats:
         with self._stats_lock:

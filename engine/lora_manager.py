@@ -121,6 +121,11 @@ class LoRAManager:
                 self._refs[name] = count - 1
             self._shrink()
 
+    def is_in_host(self, name: str) -> bool:
+        """Whether ``acquire`` would return without reading from disk."""
+        with self._lock:
+            return name in self._host
+
     def get(self, name: str) -> PackedAdapter:
         with self._lock:
             return self._host[name]

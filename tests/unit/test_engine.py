@@ -156,3 +156,45 @@ def test_bad_checkpoints_say_what_is_wrong(base, tmp_path):
         LLM(model=str(broken))
     with pytest.raises(ValueError, match="unknown key"):
         EngineConfig.from_dict({"model": base, "max_num_seq": 3})
+
+
+def test_adapter_from_disk_loads_off_the_request_path_and_abort_while_loading(base, tmp_path):
+    """A request whose adapter is on disk returns from add_request before the load; it is served
+    once loaded; one aborted while its adapter loads ends with 'abort' and holds nothing."""
+    adapters = {name: write_adapter(str(tmp_path / name), base, 8, ["q_proj", "down_proj"], seed=i)
+                for i, name in enumerate(["x", "y"])}
+    engine = AsyncEngine(EngineConfig(model=base, num_pages=64), adapters)
+    engine.start()
+    try:
+        finals: dict[str, list] = {"x": [], "y": []}
+        done = {"x": threading.Event(), "y": threading.Event()}
+
+        def collector(name):
+            def collect(out):
+                finals[name].append(out)
+                if out.finished:
+                    done[name].set()
+            return collect
+
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        assert not engine.engine.lora.is_in_host("x")
+        engine.add_request("rx", None, [1, 7, 8], params, "x", collector("x"))
+        engine.add_request("ry", None, [1, 7, 8], params, "y", collector("y"))
+        engine.abort("ry")
+        assert done["x"].wait(30) and done["y"].wait(30)
+        assert finals["x"][-1].finish_reason == "length" and sum(len(o.token_ids) for o in finals["x"]) == 6
+        expected = LLM(model=base, adapters=adapters, num_pages=64).generate([[1, 7, 8]], params, lora_names=["x"])
+        assert [t for o in finals["x"] for t in o.token_ids] == expected[0].token_ids
+        assert [o.finished for o in finals["y"]].count(True) == 1
+        assert finals["y"][-1].finish_reason in ("abort", "length")  # the abort may land after the load
+        with pytest.raises(AdapterNotFoundError):
+            engine.add_request("rz", None, [1, 7], params, "z", collector("x"))
+        for _ in range(100):
+            stats = engine.stats()
+            if stats.num_kv_blocks_used == 0 and stats.num_running == 0:
+                break
+            threading.Event().wait(0.05)
+        assert stats.num_kv_blocks_used == 0
+        assert not engine.engine.lora._refs, "adapter references left behind"
+    finally:
+        engine.shutdown()
