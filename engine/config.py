@@ -140,6 +140,9 @@ class EngineConfig:
     # auto: Triton kernels on CUDA, pure-torch references on CPU; "reference": the references
     # everywhere (debugging); "triton": the kernels everywhere (on CPU under TRITON_INTERPRET=1)
     kernels: str = "auto"
+    # decode steps as CUDA graphs per batch bucket: auto (on CUDA with the kernels), off, or
+    # static (the same static buffers run eagerly: the CPU twin, for tests and debugging)
+    decode_graphs: str = "auto"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -164,6 +167,8 @@ class EngineConfig:
             raise ValueError(f"engine config: load_format {self.load_format!r} must be safetensors or dummy")
         if self.kernels not in ("auto", "reference", "triton"):
             raise ValueError(f"engine config: kernels {self.kernels!r} must be auto, reference or triton")
+        if self.decode_graphs not in ("auto", "off", "static"):
+            raise ValueError(f"engine config: decode_graphs {self.decode_graphs!r} must be auto, off or static")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"engine config: dtype {self.dtype!r} must be auto, float32, float16 or bfloat16")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank",

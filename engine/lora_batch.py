@@ -2,60 +2,105 @@
 applying the LoRA terms of a fused projection through the page tables."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from engine.ops import Ops
 from engine.adapters import PackedAdapter
+from engine.ops import Ops
 
 # fused projections of the model and the LoRA modules whose outputs they hold, in order
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}
 
 
-class LoRABatch:
-    """Built once per step from the adapters of the scheduled tokens.
+@dataclass
+class GroupMeta:
+    """One fused projection's LoRA tables. NS adapter slots, NPROJ modules in the group."""
 
-    token_slots: [T] int32, index into this step's adapters (-1: base model);
-    page_tables: [NS, MP] int32; per group: ranks [NS, NPROJ] int32, a_offsets / b_offsets
-    [NS, NPROJ] int64, scales [NS, NPROJ] float32.
+    ranks: torch.Tensor  # [NS, NPROJ] int32, 0 = module absent
+    a_offsets: torch.Tensor  # [NS, NPROJ] int64, virtual offset of A in the slot's pages
+    b_offsets: torch.Tensor  # [NS, NPROJ] int64, virtual offset of B^T
+    scales: torch.Tensor  # [NS, NPROJ] float32
+    out_offsets: list[int]  # where each module's output sits in the fused output
+    out_sizes: list[int]
+    max_rank: int  # R_MAX of the z buffer
+
+
+def host_tables(token_adapters: list[str | None], adapters: dict[str, PackedAdapter],
+                adapter_pages: dict[str, list[int]], out_sizes: dict[str, int],
+                ) -> tuple[list[int], list[list[int]], dict[str, tuple[list, list, list, list]]]:
+    """The step's LoRA tables as Python lists: token slots [T], page tables [NS][pages] and, per
+    group, (ranks, a_offsets, b_offsets, scales) rows [NS][NPROJ]. Slots follow sorted names."""
+    names = sorted(adapters)
+    slot_of = {name: i for i, name in enumerate(names)}
+    token_slots = [slot_of[n] if n else -1 for n in token_adapters]
+    page_tables = [adapter_pages[n] for n in names]
+    groups = {}
+    for group, modules in GROUPS.items():
+        packed = [adapters[n] for n in names]
+        groups[group] = ([[p.ranks[m] for m in modules] for p in packed],
+                         [[p.a_offsets.get(m, 0) for m in modules] for p in packed],
+                         [[p.b_offsets.get(m, 0) for m in modules] for p in packed],
+                         [[p.scales.get(m, 0.0) for m in modules] for p in packed])
+    return token_slots, page_tables, groups
+
+
+def group_layout(group: str, out_sizes: dict[str, int]) -> tuple[list[int], list[int]]:
+    sizes = [out_sizes[m] for m in GROUPS[group]]
+    return [sum(sizes[:j]) for j in range(len(sizes))], sizes
+
+
+class LoRABatch:
+    """The device-side LoRA state of one step; ``apply`` is called per layer and projection group.
+
+    token_slots: [T] int32 (-1: base model); page_tables: [NS, MP] int32; groups: GroupMeta of
+    the groups that any adapter of the step has. The kernels' per-step metadata is built here,
+    once, from token_slots (on the device, so this also runs inside a CUDA graph capture).
     """
 
-    def __init__(self, ops: Ops, token_adapters: list[str | None], adapters: dict[str, PackedAdapter],
-                 adapter_pages: dict[str, list[int]], out_sizes: dict[str, int], device: torch.device) -> None:
-        names = sorted(adapters)
-        slot_of = {name: i for i, name in enumerate(names)}
-        self.num_slots = len(names)
-        if not names:
-            return
-        self.token_slots = torch.tensor([slot_of[n] if n else -1 for n in token_adapters], dtype=torch.int32,
-                                        device=device)
-        max_pages = max(len(adapter_pages[n]) for n in names)
-        self.page_tables = torch.tensor([adapter_pages[n] + [0] * (max_pages - len(adapter_pages[n])) for n in names],
-                                        dtype=torch.int32, device=device)
-        self.kernel_meta = ops.lora_meta(self.token_slots, self.num_slots)  # tiles by adapter, once per step
-        self.meta = {}
+    def __init__(self, ops: Ops, token_slots: torch.Tensor | None, page_tables: torch.Tensor | None,
+                 groups: dict[str, GroupMeta]) -> None:
+        self.token_slots = token_slots
+        self.page_tables = page_tables
+        self.groups = groups
+        self.num_slots = 0 if page_tables is None else page_tables.shape[0]
+        self.kernel_meta = ops.lora_meta(token_slots, self.num_slots) if self.num_slots else None
         self._z: dict[str, torch.Tensor] = {}  # per group, reused by every layer
-        for group, modules in GROUPS.items():
-            packed = [adapters[n] for n in names]
-            ranks = torch.tensor([[p.ranks[m] for m in modules] for p in packed], dtype=torch.int32)
-            if not bool(ranks.any()):
+
+    @classmethod
+    def build(cls, ops: Ops, token_adapters: list[str | None], adapters: dict[str, PackedAdapter],
+              adapter_pages: dict[str, list[int]], out_sizes: dict[str, int], device: torch.device) -> "LoRABatch":
+        """The eager path: tables of exactly the step's adapters; groups no adapter has are skipped."""
+        if not adapters:
+            return cls(ops, None, None, {})
+        token_slots, page_tables, groups = host_tables(token_adapters, adapters, adapter_pages, out_sizes)
+        max_pages = max(len(t) for t in page_tables)
+        metas = {}
+        for group, (ranks, a_off, b_off, scales) in groups.items():
+            max_rank = max(max(row) for row in ranks)
+            if max_rank == 0:
                 continue
-            a_off = torch.tensor([[p.a_offsets.get(m, 0) for m in modules] for p in packed], dtype=torch.int64)
-            b_off = torch.tensor([[p.b_offsets.get(m, 0) for m in modules] for p in packed], dtype=torch.int64)
-            scales = torch.tensor([[p.scales.get(m, 0.0) for m in modules] for p in packed], dtype=torch.float32)
-            sizes = [out_sizes[m] for m in modules]
-            offsets = [sum(sizes[:j]) for j in range(len(sizes))]
-            self.meta[group] = (ranks.to(device), a_off.to(device), b_off.to(device), scales.to(device),
-                                offsets, sizes, int(ranks.max()))
+            offsets, sizes = group_layout(group, out_sizes)
+            metas[group] = GroupMeta(torch.tensor(ranks, dtype=torch.int32, device=device),
+                                     torch.tensor(a_off, dtype=torch.int64, device=device),
+                                     torch.tensor(b_off, dtype=torch.int64, device=device),
+                                     torch.tensor(scales, dtype=torch.float32, device=device),
+                                     offsets, sizes, max_rank)
+        return cls(ops, torch.tensor(token_slots, dtype=torch.int32, device=device),
+                   torch.tensor([t + [0] * (max_pages - len(t)) for t in page_tables], dtype=torch.int32,
+                                device=device), metas)
 
     def apply(self, ops: Ops, y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, layer: int, group: str) -> None:
         """y += LoRA(x) for the modules of ``group``; y: [T, N_total] fused output, x: [T, K]."""
-        if self.num_slots == 0 or group not in self.meta:
+        meta = self.groups.get(group)
+        if meta is None:
             return
-        ranks, a_off, b_off, scales, offsets, sizes, max_rank = self.meta[group]
         z = self._z.get(group)
         if z is None:  # [T, NPROJ, R_MAX] float32
-            z = self._z[group] = torch.empty(x.shape[0], len(sizes), max_rank, dtype=torch.float32, device=x.device)
-        ops.lora_shrink(x, pool, layer, self.token_slots, self.page_tables, ranks, a_off, z, self.kernel_meta)
-        ops.lora_expand(z, pool, layer, self.token_slots, self.page_tables, ranks, b_off, scales, y, offsets, sizes,
+            z = self._z[group] = torch.empty(x.shape[0], len(meta.out_sizes), meta.max_rank, dtype=torch.float32,
+                                             device=x.device)
+        ops.lora_shrink(x, pool, layer, self.token_slots, self.page_tables, meta.ranks, meta.a_offsets, z,
                         self.kernel_meta)
+        ops.lora_expand(z, pool, layer, self.token_slots, self.page_tables, meta.ranks, meta.b_offsets, meta.scales,
+                        y, meta.out_offsets, meta.out_sizes, self.kernel_meta)

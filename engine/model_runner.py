@@ -7,6 +7,7 @@ import logging
 import torch
 
 from engine.adapters import PackedAdapter
+from engine.decode_graphs import DecodeGraphs
 from engine.checkpoint import load_weights, random_weights
 from engine.config import EngineConfig, ModelConfig
 from engine.lora_batch import LoRABatch
@@ -46,15 +47,28 @@ class ModelRunner:
         # one page = one KV block (K and V, block_size tokens) per layer
         self.page_size = 2 * self.block_size * c.num_kv_heads * c.head_dim
         self.num_pages = self._num_pages()
-        self.pool = torch.zeros(self.num_pages, c.num_layers, self.page_size, dtype=self.dtype, device=self.device)
+        # one page more than the page manager hands out: the scratch page of padded graph rows
+        self.pool = torch.zeros(self.num_pages + 1, c.num_layers, self.page_size, dtype=self.dtype,
+                                device=self.device)
         self.kv_caches = self._kv_views(self.pool)
         self.out_sizes = {m: n_out for m, (_, n_out) in c.projection_shapes().items()}
         self.copy_stream = None  # side stream for adapter prefetch, made on first use
+        self.graphs = self._decode_graphs(max_model_len)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         logger.info("[multilora] %s on %s/%s: pool of %d pages x %.2f MiB (%d tokens of KV each)",
                     c.architecture, self.device, self.dtype, self.num_pages, self.page_bytes / 2**20,
                     self.block_size)
+
+    def _decode_graphs(self, max_model_len: int) -> DecodeGraphs | None:
+        mode = self.config.decode_graphs
+        capture = mode == "auto" and self.device.type == "cuda" and self.ops.use_kernels
+        if not capture and mode != "static":
+            return None
+        shapes = self.model_config.projection_shapes()
+        largest = self.config.max_lora_rank * sum(n_in + n_out for n_in, n_out in shapes.values())
+        return DecodeGraphs(self, self.config.max_num_seqs, max_model_len, -(-largest // self.page_size),
+                            self.config.max_lora_rank, capture)
 
     @property
     def page_bytes(self) -> int:
@@ -99,7 +113,7 @@ class ModelRunner:
             seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
             block_tables=torch.arange(blocks, dtype=torch.int32, device=self.device)[None],
             max_query_len=num_tokens, max_seq_len=num_tokens)
-        lora = LoRABatch(self.ops, [], {}, {}, {}, self.device)
+        lora = LoRABatch(self.ops, None, None, {})
         ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
         self.model.forward(ids, attn, lora, scratch, self._kv_views(scratch),
                            torch.arange(min(num_tokens, cfg.max_num_seqs), device=self.device))
@@ -162,8 +176,19 @@ class ModelRunner:
             if item.samples:
                 logits_indices.append(query_start[-1] - 1)
                 sampling_seqs.append(seq)
-        max_blocks = max(len(t) for t in tables)
         dev = self.device
+        in_step = {name: adapters[name] for name in set(token_adapters) if name is not None}
+        adapter_pages = {n: pages.adapter_pages(n) for n in in_step}
+        if self.graphs is not None and len(input_ids) == len(plan.batch) and self.graphs.bucket(len(input_ids)):
+            # a decode step: one new token per sequence
+            logits = self.graphs.run(input_ids, positions, slots, seq_lens, tables, token_adapters, in_step,
+                                     adapter_pages)
+            rows = [i for i, item in enumerate(plan.batch) if item.samples]
+            if not sampling_seqs:
+                return []
+            logits = logits if len(rows) == len(plan.batch) else logits[torch.tensor(rows, device=dev)]
+            return sample(logits, sampling_seqs, eos_token_ids, self.generator)
+        max_blocks = max(len(t) for t in tables)
         attn = AttentionMetadata(
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
@@ -174,8 +199,7 @@ class ModelRunner:
             max_query_len=max(item.num_new_tokens for item in plan.batch),
             max_seq_len=max(seq_lens),
         )
-        in_step = {name: adapters[name] for name in set(token_adapters) if name is not None}
-        lora = LoRABatch(self.ops, token_adapters, in_step, {n: pages.adapter_pages(n) for n in in_step}, self.out_sizes, dev)
+        lora = LoRABatch.build(self.ops, token_adapters, in_step, adapter_pages, self.out_sizes, dev)
         logits = self.model.forward(torch.tensor(input_ids, dtype=torch.int64, device=dev), attn, lora, self.pool,
                                     self.kv_caches, torch.tensor(logits_indices, dtype=torch.int64, device=dev))
         if not sampling_seqs:

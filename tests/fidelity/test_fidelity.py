@@ -149,3 +149,16 @@ def test_seeded_sampling_is_independent_of_the_batch(model_set):
     assert crowd[2].token_ids == alone
     other_seed = SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=99, max_tokens=12, ignore_eos=True)
     assert llm.generate([prompt], other_seed, lora_names=[name])[0].token_ids != alone
+
+
+def test_static_decode_buffers_keep_outputs(model_set):
+    """Decode steps through the static, padded buffers of the CUDA-graph path (run eagerly here)
+    give the tokens of the ordinary path: padding rows, the scratch page and padded LoRA tables
+    touch nothing real."""
+    base, adapters = model_set
+    prompts = random_prompts(7, seed=8)
+    names = [None] + list(adapters) + [None]
+    _, expected = run_all(base, adapters, prompts, names, num_pages=256)
+    static, got = run_all(base, adapters, prompts, names, num_pages=256, decode_graphs="static", max_num_seqs=16)
+    assert static.engine.runner.graphs is not None and not static.engine.runner.graphs.capture
+    assert got == expected

@@ -53,9 +53,12 @@ def test_fp16_kernels_agree_with_float32_peft(model_set):
     names = [[None, "r8", "r16"][i % 3] for i in range(len(prompts))]
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     results = {}
-    for kernels in ("triton", "reference"):
-        llm = LLM(model=base, adapters=adapters, dtype="float16", device="cuda", num_pages=512, kernels=kernels)
-        results[kernels] = [o.token_ids for o in llm.generate(prompts, params, lora_names=names)]
+    for label, kernels, graphs in (("triton", "triton", "auto"), ("eager", "triton", "off"),
+                                   ("reference", "reference", "off")):
+        llm = LLM(model=base, adapters=adapters, dtype="float16", device="cuda", num_pages=512, kernels=kernels,
+                  decode_graphs=graphs)
+        assert (llm.engine.runner.graphs is not None) == (graphs == "auto")
+        results[label] = [o.token_ids for o in llm.generate(prompts, params, lora_names=names)]
     fp16 = peft_model(base, adapters, torch.float16)
     hf16 = []
     for prompt, name in zip(prompts, names):
@@ -67,8 +70,10 @@ def test_fp16_kernels_agree_with_float32_peft(model_set):
         hf16.append(out[0, len(prompt):].tolist())
     del fp16
     fp32 = peft_model(base, adapters, torch.float32)
-    scores = {"engine fp16 kernels": agreement(fp32, prompts, names, results["triton"]),
+    scores = {"engine fp16 kernels + CUDA graphs": agreement(fp32, prompts, names, results["triton"]),
+              "engine fp16 kernels, eager": agreement(fp32, prompts, names, results["eager"]),
               "engine fp16 reference ops": agreement(fp32, prompts, names, results["reference"]),
               "HF+PEFT fp16": agreement(fp32, prompts, names, hf16)}
     print("top-1 agreement with float32 HF+PEFT (teacher-forced):", scores)
-    assert scores["engine fp16 kernels"] >= min(0.98, scores["HF+PEFT fp16"] - 0.02)
+    floor = min(0.98, scores["HF+PEFT fp16"] - 0.02)
+    assert scores["engine fp16 kernels + CUDA graphs"] >= floor and scores["engine fp16 kernels, eager"] >= floor

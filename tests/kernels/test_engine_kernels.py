@@ -29,7 +29,9 @@ def test_kernels_give_the_reference_tokens(model_set):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     expected = LLM(model=base, adapters=adapters, kernels="reference", dtype=dtype, device=device,
                    num_pages=64, block_size=4).generate(prompts, params, lora_names=names)
-    llm = LLM(model=base, adapters=adapters, kernels="triton", dtype=dtype, device=device, num_pages=64, block_size=4)
-    assert llm.engine.runner.ops.use_kernels
-    got = llm.generate(prompts, params, lora_names=names)
-    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    for graphs in ("off", "static"):  # static: the padded buffers of the decode graphs
+        llm = LLM(model=base, adapters=adapters, kernels="triton", dtype=dtype, device=device, num_pages=64,
+                  block_size=4, decode_graphs=graphs, max_num_seqs=8, max_lora_rank=16)
+        assert llm.engine.runner.ops.use_kernels
+        got = llm.generate(prompts, params, lora_names=names)
+        assert [o.token_ids for o in got] == [o.token_ids for o in expected], graphs

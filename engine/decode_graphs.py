@@ -1,0 +1,119 @@
+"""Decode steps on static buffers, replayed as CUDA graphs (one per batch-size bucket).
+
+A decode step of B sequences is padded to the next bucket: padding rows read and write only the
+pool's scratch page and use no adapter. Every per-step input (token ids, positions, KV slots,
+block tables, LoRA slots, page tables, ranks, offsets, scales) is copied into buffers whose
+addresses never change, so one captured graph serves any mix of sequences and adapters. With
+``capture=False`` the same buffers run eagerly: the CPU twin that tests the padding and tables.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.lora_batch import GROUPS, GroupMeta, LoRABatch, group_layout, host_tables
+from engine.model import AttentionMetadata
+
+logger = logging.getLogger("multilora")
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_num_seqs: int, max_model_len: int, max_adapter_pages: int, max_lora_rank: int,
+                 capture: bool) -> None:
+        self.runner = runner
+        self.capture = capture
+        self.buckets = [b for b in BUCKETS if b < max_num_seqs] + [min(b for b in BUCKETS if b >= max_num_seqs)]
+        self.max_model_len = max_model_len
+        self.max_lora_rank = max_lora_rank
+        size = self.buckets[-1]
+        dev, bs = runner.device, runner.block_size
+        self.scratch_page = runner.num_pages  # the pool's last page belongs to no one
+        max_blocks = -(-max_model_len // bs)
+        i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
+        self.input_ids = torch.zeros(size, **i64)
+        self.positions = torch.zeros(size, **i64)
+        self.slot_mapping = torch.full((size,), self.scratch_page * bs, **i64)
+        self.query_start_loc = torch.arange(size + 1, **i32)
+        self.seq_lens = torch.ones(size, **i32)
+        self.block_tables = torch.full((size, max_blocks), self.scratch_page, **i32)
+        self.logits_indices = torch.arange(size, **i64)
+        self.token_slots = torch.full((size,), -1, **i32)
+        self.page_tables = torch.zeros(size, max(1, max_adapter_pages), **i32)
+        self.groups = {}
+        for group, modules in GROUPS.items():
+            n = len(modules)
+            self.groups[group] = (torch.zeros(size, n, **i32), torch.zeros(size, n, **i64), torch.zeros(size, n, **i64),
+                                  torch.zeros(size, n, dtype=torch.float32, device=dev))
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.mempool = None
+
+    def bucket(self, num_seqs: int) -> int | None:
+        return next((b for b in self.buckets if b >= num_seqs), None)
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+            tables: list[list[int]], token_adapters: list[str | None], adapters, adapter_pages) -> torch.Tensor:
+        """Logits [n, V] of a decode step of n sequences (one new token each)."""
+        n = len(input_ids)
+        b = self.bucket(n)
+        pad = b - n
+        bs = self.runner.block_size
+        width = self.block_tables.shape[1]
+        self._fill(self.input_ids, input_ids + [0] * pad)
+        self._fill(self.positions, positions + [0] * pad)
+        self._fill(self.slot_mapping, slots + [self.scratch_page * bs] * pad)
+        self._fill(self.seq_lens, seq_lens + [1] * pad)
+        self._fill(self.block_tables, [t + [self.scratch_page] * (width - len(t)) for t in tables]
+                   + [[self.scratch_page] * width] * pad)
+        token_slots, page_tables, groups = host_tables(token_adapters, adapters, adapter_pages, self.runner.out_sizes)
+        self._fill(self.token_slots, token_slots + [-1] * pad)
+        if page_tables:
+            pages = self.page_tables.shape[1]
+            self._fill(self.page_tables, [t + [0] * (pages - len(t)) for t in page_tables], rows=len(page_tables))
+        for group, (ranks, a_off, b_off, scales) in groups.items():
+            buffers = self.groups[group]
+            rows = len(ranks)
+            buffers[0][rows:b].zero_()  # slots past the step's adapters: rank 0, nothing read
+            for buffer, values in zip(buffers, (ranks, a_off, b_off, scales)):
+                if rows:
+                    self._fill(buffer, values, rows=rows)
+        if not self.capture:
+            return self._forward(b)[:n]
+        if b not in self.graphs:
+            self._capture(b)
+        graph, logits = self.graphs[b]
+        graph.replay()
+        return logits[:n]
+
+    def _fill(self, buffer: torch.Tensor, values, rows: int | None = None) -> None:
+        host = torch.tensor(values, dtype=buffer.dtype)
+        buffer[:host.shape[0] if rows is None else rows].copy_(host, non_blocking=False)
+
+    def _forward(self, b: int) -> torch.Tensor:
+        runner = self.runner
+        attn = AttentionMetadata(positions=self.positions[:b], slot_mapping=self.slot_mapping[:b],
+                                 query_start_loc=self.query_start_loc[:b + 1], seq_lens=self.seq_lens[:b],
+                                 block_tables=self.block_tables[:b], max_query_len=1, max_seq_len=self.max_model_len)
+        groups = {}
+        for group, (ranks, a_off, b_off, scales) in self.groups.items():
+            offsets, sizes = group_layout(group, runner.out_sizes)
+            groups[group] = GroupMeta(ranks[:b], a_off[:b], b_off[:b], scales[:b], offsets, sizes, self.max_lora_rank)
+        lora = LoRABatch(runner.ops, self.token_slots[:b], self.page_tables[:b], groups)
+        return runner.model.forward(self.input_ids[:b], attn, lora, runner.pool, runner.kv_caches,
+                                    self.logits_indices[:b])
+
+    def _capture(self, b: int) -> None:
+        """Warm up (compiles the Triton kernels) on a side stream, then capture."""
+        stream = torch.cuda.Stream(self.runner.device)
+        stream.wait_stream(torch.cuda.current_stream(self.runner.device))
+        with torch.cuda.stream(stream):
+            self._forward(b)
+        torch.cuda.current_stream(self.runner.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            logits = self._forward(b)
+        self.mempool = graph.pool()
+        self.graphs[b] = (graph, logits)
+        logger.info("[multilora] captured the decode graph of batch bucket %d", b)
