@@ -26,6 +26,7 @@ import atexit
 import collections
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import signal
@@ -397,12 +398,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _console_logger() -> logging.Logger:
+    """The launcher's own lines: information on stdout (the ready line is read by scripts),
+    errors on stderr, the text as it is."""
+    logger = logging.getLogger("multilora.launcher")
+    if not logger.handlers:
+        out = logging.StreamHandler(sys.stdout)
+        out.addFilter(lambda record: record.levelno < logging.WARNING)
+        err = logging.StreamHandler(sys.stderr)
+        err.setLevel(logging.WARNING)
+        for handler in (out, err):
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    log = _console_logger()
     args = build_parser().parse_args(argv)
     try:
         engine_args = parse_engine_args(args.engine_arg)
     except ValueError as error:
-        print(f"multilora-serve: {error}", file=sys.stderr)
+        log.error("multilora-serve: %s", error)
         return 2
     server = TritonServer(
         args.model_repository, host=args.host, http_port=args.http_port,
@@ -430,20 +449,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if stop_requested.is_set():
             server.stop()
             return 0
-        print(f"multilora-serve: {error}", file=sys.stderr)
+        log.error("multilora-serve: %s", error)
         return 1
-    print(f"HTTP:    {server.http_url}  (e.g. {server.http_url}/v2/models/multilora/generate)",
-          flush=True)
-    print(f"gRPC:    {server.grpc_url}", flush=True)
-    print(f"metrics: {server.metrics_url}", flush=True)
-    print(f"multilora ready: http={server.http_url} grpc={server.grpc_url} "
-          f"metrics={server.metrics_url}", flush=True)
+    log.info("HTTP:    %s  (e.g. %s/v2/models/multilora/generate)", server.http_url, server.http_url)
+    log.info("gRPC:    %s", server.grpc_url)
+    log.info("metrics: %s", server.metrics_url)
+    log.info("multilora ready: http=%s grpc=%s metrics=%s", server.http_url, server.grpc_url, server.metrics_url)
     code = server.wait()
     server.stop()
     if stop_requested.is_set():
         return 0
-    print(f"multilora-serve: tritonserver exited with code {code}\n{server.log_tail()}",
-          file=sys.stderr)
+    log.error("multilora-serve: tritonserver exited with code %s\n%s", code, server.log_tail())
     return code or 1
 
 
