@@ -104,15 +104,29 @@ class DecodeGraphs:
         return runner.model.forward(self.input_ids[:b], attn, lora, runner.pool, runner.kv_caches,
                                     self.logits_indices[:b])
 
+    def capture_all(self) -> None:
+        """Capture every bucket now, on the all-padding buffers (scratch page, no adapter).
+
+        Done once when the engine starts, before any request or adapter-loader thread exists: a
+        capture then never meets another thread's CUDA work, and no step pays for one."""
+        if not self.capture:
+            return
+        for b in self.buckets:
+            self._capture(b)
+        torch.cuda.synchronize(self.runner.device)
+
     def _capture(self, b: int) -> None:
-        """Warm up (compiles the Triton kernels) on a side stream, then capture."""
+        """Warm up (compiles the Triton kernels) on a side stream, then capture.
+
+        ``thread_local``: CUDA calls of other threads (the Python backend's own, a pinned-memory
+        allocation of an adapter loader) neither break the capture nor are broken by it."""
         stream = torch.cuda.Stream(self.runner.device)
         stream.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(stream):
             self._forward(b)
         torch.cuda.current_stream(self.runner.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool):
+        with torch.cuda.graph(graph, pool=self.mempool, capture_error_mode="thread_local"):
             logits = self._forward(b)
         self.mempool = graph.pool()
         self.graphs[b] = (graph, logits)

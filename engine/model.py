@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engine.ops import Ops
 from engine.config import ModelConfig
@@ -55,12 +54,9 @@ class Transformer:
             # attention block
             qkv = ops.linear(hidden, w[f"{i}.qkv"], w.get(f"{i}.qkv_bias"))  # [T, q + 2kv]
             lora.apply(ops, qkv, hidden, pool, i, "qkv")
-            q = qkv[:, :self.q_size].view(num_tokens, c.num_heads, c.head_dim)
-            k = qkv[:, self.q_size:self.q_size + self.kv_size].view(num_tokens, c.num_kv_heads, c.head_dim)
-            v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, c.num_kv_heads, c.head_dim)
-            q, k = ops.rotary(q, cos, sin), ops.rotary(k, cos, sin)
             k_cache, v_cache = kv_caches[i]
-            ops.write_kv(k, v, k_cache, v_cache, attn.slot_mapping)
+            q = ops.rotary_and_write_kv(qkv, cos, sin, self.q_size, self.kv_size, c.num_heads, c.num_kv_heads,
+                                        c.head_dim, k_cache, v_cache, attn.slot_mapping)  # [T, heads, D]
             out = ops.attention(q, k_cache, v_cache, attn, self.scale, c.sliding_window)
             out = out.reshape(num_tokens, self.q_size)
             o = ops.linear(out, w[f"{i}.o"], w.get(f"{i}.o_bias"))
@@ -69,8 +65,7 @@ class Transformer:
             # MLP block
             gate_up = ops.linear(hidden, w[f"{i}.gate_up"], w.get(f"{i}.gate_up_bias"))  # [T, 2I]
             lora.apply(ops, gate_up, hidden, pool, i, "gate_up")
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up
+            act = ops.silu_and_mul(gate_up)  # [T, I]
             down = ops.linear(act, w[f"{i}.down"], w.get(f"{i}.down_bias"))
             lora.apply(ops, down, act, pool, i, "down")
             hidden = down

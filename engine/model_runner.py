@@ -54,6 +54,8 @@ class ModelRunner:
         self.out_sizes = {m: n_out for m, (_, n_out) in c.projection_shapes().items()}
         self.copy_stream = None  # side stream for adapter prefetch, made on first use
         self.graphs = self._decode_graphs(max_model_len)
+        if self.graphs is not None:
+            self.graphs.capture_all()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         logger.info("[multilora] %s on %s/%s: pool of %d pages x %.2f MiB (%d tokens of KV each)",

@@ -19,30 +19,32 @@ if TYPE_CHECKING:
 class Ops:
     def __init__(self, use_kernels: bool) -> None:
         self.use_kernels = use_kernels
+        self._elementwise = reference  # the element-wise ops: these twins or kernels.elementwise (same API)
         if use_kernels:  # Triton modules are imported only when used (CPU runs stay Triton-free)
-            from kernels import lora_expand, lora_meta, lora_shrink, paged_attention
+            from kernels import elementwise, lora_expand, lora_meta, lora_shrink, paged_attention
             self._shrink, self._expand = lora_shrink.lora_shrink, lora_expand.lora_expand
             self._attention, self._meta = paged_attention.attention, lora_meta.LoRAStepMeta
+            self._elementwise = elementwise
 
     @staticmethod
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
-    @staticmethod
-    def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """residual += x, then normalise; returns (normed, new residual)."""
-        residual = x if residual is None else residual + x
-        return reference.rms_norm(residual, weight, eps), residual
+        """residual + x, then normalise; returns (normed, new residual)."""
+        return self._elementwise.fused_add_rms_norm(x, residual, weight, eps)
 
-    @staticmethod
-    def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return reference.apply_rotary(x, cos, sin)
+    def rotary_and_write_kv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_size: int,
+                            kv_size: int, num_heads: int, num_kv_heads: int, head_dim: int, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Rotary on q and k of qkv, k and v into their cache slots; returns rotated q [T, H, D]."""
+        return self._elementwise.rotary_and_write_kv(qkv, cos, sin, q_size, kv_size, num_heads, num_kv_heads,
+                                                     head_dim, k_cache, v_cache, slot_mapping)
 
-    @staticmethod
-    def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of gate_up [T, 2I] = [gate | up] -> [T, I]."""
+        return self._elementwise.silu_and_mul(gate_up)
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: "AttentionMetadata",
                   scale: float, sliding_window: int | None) -> torch.Tensor:

@@ -83,9 +83,13 @@ class StreamClient:
 
     def send(self, request_id: str, text: str | None = None, input_ids: list[int] | None = None,
              lora_name: str | None = None, stream: bool = True, sampling: Any = None,
-             parameters: dict[str, Any] | None = None, **bool_inputs: bool) -> None:
-        """``sampling``: a dict (sent as JSON) or a str (sent as is)."""
+             parameters: dict[str, Any] | None = None, requested_outputs: tuple[str, ...] = (),
+             **bool_inputs: bool) -> None:
+        """``sampling``: a dict (sent as JSON) or a str (sent as is); ``requested_outputs``:
+        the outputs to ask for (none: all of them)."""
         request = service_pb2.ModelInferRequest(model_name=MODEL, id=request_id)
+        for name in requested_outputs:
+            request.outputs.add().name = name
         request.parameters["triton_enable_empty_final_response"].bool_param = True
         for key, value in (parameters or {}).items():
             if isinstance(value, bool):

@@ -390,6 +390,29 @@ def test_many_long_streams_deliver_every_token_once(llm_server):
     assert_idle(llm_server)
 
 
+def test_only_the_requested_outputs_come_back(llm_server):
+    """A client asking for output_ids alone (as bench/serving.py does) gets exactly that output,
+    with the same tokens as a client asking for everything, and every stream ends once."""
+    lora = list(EXPECTED)[1]
+    ids = [f"o{i}" for i in range(24)]
+    with StreamClient(llm_server.grpc_url) as client:
+        client.send("all", text="abcdef", lora_name=lora, sampling=SAMPLING, return_finish_reason=True)
+        for request_id in ids:
+            client.send(request_id, text="abcdef", lora_name=lora, sampling=SAMPLING, return_finish_reason=True,
+                        requested_outputs=("output_ids",))
+        got = client.collect(["all", *ids], timeout=120)
+    reference = got["all"]
+    assert any("text_output" in r.outputs for r in reference)
+    expected_ids = [t for r in reference for t in r.output_ids]
+    assert expected_ids
+    for request_id in ids:
+        responses = got[request_id]
+        only_final_last(responses)
+        assert all(set(r.outputs) <= {"output_ids"} for r in responses), responses[0].outputs
+        assert [t for r in responses for t in r.output_ids] == expected_ids
+    assert_idle(llm_server)
+
+
 def test_finish_reason_length_and_prompt_prepended(llm_server):
     with StreamClient(llm_server.grpc_url) as client:
         client.send("n", text="hello", stream=False, sampling={"max_tokens": 2, "temperature": 0},

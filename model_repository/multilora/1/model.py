@@ -12,6 +12,7 @@ the environment variable ``MULTILORA_ENGINE_ARGS`` (a JSON object; the launcher'
 """
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import json
 import os
@@ -39,6 +40,7 @@ STATS_POLL_S = 0.1
 MAX_EVENTS_PER_ROUND = 4096
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _STOP = ("stop",)
+FAULTHANDLER_ENV = "MULTILORA_FAULTHANDLER"  # a file: every thread's stack every 30 s, and on a crash
 
 INPUTS = [
     {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
@@ -62,6 +64,17 @@ OUTPUTS = [
 
 def _log(level: str, message: str) -> None:
     getattr(pb_utils.Logger, f"log_{level}")(f"[multilora] {message}")
+
+
+def _start_faulthandler() -> None:
+    """Diagnosis of a hung or crashed stub: MULTILORA_FAULTHANDLER=/path/file."""
+    path = os.environ.get(FAULTHANDLER_ENV)
+    if not path:
+        return
+    stream = open(path, "a", buffering=1)  # kept open for the life of the stub
+    faulthandler.enable(file=stream, all_threads=True)
+    faulthandler.dump_traceback_later(30, repeat=True, file=stream)
+    _log("info", f"faulthandler: stacks to {path} every 30 s")
 
 
 def _triton_error(message: str, code_name: str) -> Any:
@@ -119,6 +132,7 @@ class TritonPythonModel:
         return config
 
     def initialize(self, args: dict[str, str]) -> None:
+        _start_faulthandler()
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise ValueError("multilora needs model_transaction_policy { decoupled: true }")
@@ -279,24 +293,22 @@ class TritonPythonModel:
 
     def _response(self, state: _LiveRequest, output: RequestOutput) -> Any:
         parsed = state.parsed
-        text = output.text
-        if not parsed.stream and not parsed.exclude_input_in_output and parsed.prompt is not None:
-            text = parsed.prompt + text  # as the vLLM backend: the prompt, then the generated text
-        tensors = [
-            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("output_ids", np.array(output.token_ids, dtype=np.int32)),
-        ]
-        if parsed.return_finish_reason:
+        values: dict[str, Any] = {}
+        if parsed.wants("text_output"):
+            text = output.text
+            if not parsed.stream and not parsed.exclude_input_in_output and parsed.prompt is not None:
+                text = parsed.prompt + text  # as the vLLM backend: the prompt, then the generated text
+            values["text_output"] = np.array([text.encode("utf-8")], dtype=np.object_)
+        if parsed.wants("output_ids"):
+            values["output_ids"] = np.array(output.token_ids, dtype=np.int32)
+        if parsed.return_finish_reason and parsed.wants("finish_reason"):
             reason = (output.finish_reason or "") if output.finished else ""
-            tensors.append(pb_utils.Tensor("finish_reason",
-                                           np.array([reason.encode()], dtype=np.object_)))
-        if parsed.return_num_input_tokens:
-            tensors.append(pb_utils.Tensor("num_input_tokens",
-                                           np.array([output.num_prompt_tokens], dtype=np.uint32)))
-        if parsed.return_num_output_tokens:  # tokens in this response, as the vLLM backend
-            tensors.append(pb_utils.Tensor("num_output_tokens",
-                                           np.array([len(output.token_ids)], dtype=np.uint32)))
-        return pb_utils.InferenceResponse(output_tensors=tensors)
+            values["finish_reason"] = np.array([reason.encode()], dtype=np.object_)
+        if parsed.return_num_input_tokens and parsed.wants("num_input_tokens"):
+            values["num_input_tokens"] = np.array([output.num_prompt_tokens], dtype=np.uint32)
+        if parsed.return_num_output_tokens and parsed.wants("num_output_tokens"):  # tokens in this response
+            values["num_output_tokens"] = np.array([len(output.token_ids)], dtype=np.uint32)
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in values.items()])
 
     def _send_error(self, state: _LiveRequest, code: str, reason: str, message: str) -> None:
         self._metrics.request_failed(reason)

@@ -36,6 +36,12 @@ class ParsedRequest:
     return_finish_reason: bool = False
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
+    # outputs the client asked for (empty: all). Only these are built: Triton <= 24.12 drops the
+    # others in ResponseSender.send without holding the GIL, which crashes the stub under load.
+    outputs: frozenset[str] = frozenset()
+
+    def wants(self, output_name: str) -> bool:
+        return not self.outputs or output_name in self.outputs
 
 
 def parse_request(request: Any) -> ParsedRequest:
@@ -65,6 +71,7 @@ def parse_request(request: Any) -> ParsedRequest:
         return_finish_reason=_bool_input(request, "return_finish_reason"),
         return_num_input_tokens=_bool_input(request, "return_num_input_tokens"),
         return_num_output_tokens=_bool_input(request, "return_num_output_tokens"),
+        outputs=frozenset(request.requested_output_names() if hasattr(request, "requested_output_names") else ()),
     )
 
 
