@@ -3,7 +3,8 @@
 A decode step of B sequences is padded to the next bucket: padding rows read and write only the
 pool's scratch page and use no adapter. Every per-step input (token ids, positions, KV slots,
 block tables, LoRA slots, page tables, ranks, offsets, scales) is copied into buffers whose
-addresses never change, so one captured graph serves any mix of sequences and adapters. With
+addresses never change, so one captured graph serves any mix of sequences and adapters (and a
+second one, without the LoRA kernels, serves steps in which no sequence has an adapter). With
 ``capture=False`` the same buffers run eagerly: the CPU twin that tests the padding and tables.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ class DecodeGraphs:
             n = len(modules)
             self.groups[group] = (torch.zeros(size, n, **i32), torch.zeros(size, n, **i64), torch.zeros(size, n, **i64),
                                   torch.zeros(size, n, dtype=torch.float32, device=dev))
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bucket, LoRA)
         self.mempool = None
 
     def bucket(self, num_seqs: int) -> int | None:
@@ -60,48 +61,58 @@ class DecodeGraphs:
         b = self.bucket(n)
         pad = b - n
         bs = self.runner.block_size
-        width = self.block_tables.shape[1]
         self._fill(self.input_ids, input_ids + [0] * pad)
         self._fill(self.positions, positions + [0] * pad)
         self._fill(self.slot_mapping, slots + [self.scratch_page * bs] * pad)
         self._fill(self.seq_lens, seq_lens + [1] * pad)
-        self._fill(self.block_tables, [t + [self.scratch_page] * (width - len(t)) for t in tables]
-                   + [[self.scratch_page] * width] * pad)
+        # Only the blocks below a row's seq_len are read: the step's widest table, and the first
+        # block of the padding rows (the scratch page); older columns may hold stale pages.
+        width = max(len(t) for t in tables)
+        host = torch.tensor([t + [self.scratch_page] * (width - len(t)) for t in tables]
+                            + [[self.scratch_page] * width] * pad, dtype=torch.int32)
+        self.block_tables[:b, :width].copy_(host)
+        lora = bool(adapters)
+        if lora:
+            self._fill_lora(b, pad, token_adapters, adapters, adapter_pages)
+        if not self.capture:
+            return self._forward(b, lora)[:n]
+        if (b, lora) not in self.graphs:
+            self._capture(b, lora)
+        graph, logits = self.graphs[b, lora]
+        graph.replay()
+        return logits[:n]
+
+    def _fill_lora(self, b: int, pad: int, token_adapters: list[str | None], adapters, adapter_pages) -> None:
         token_slots, page_tables, groups = host_tables(token_adapters, adapters, adapter_pages, self.runner.out_sizes)
         self._fill(self.token_slots, token_slots + [-1] * pad)
-        if page_tables:
-            pages = self.page_tables.shape[1]
-            self._fill(self.page_tables, [t + [0] * (pages - len(t)) for t in page_tables], rows=len(page_tables))
+        pages = self.page_tables.shape[1]
+        self._fill(self.page_tables, [t + [0] * (pages - len(t)) for t in page_tables], rows=len(page_tables))
         for group, (ranks, a_off, b_off, scales) in groups.items():
             buffers = self.groups[group]
             rows = len(ranks)
             buffers[0][rows:b].zero_()  # slots past the step's adapters: rank 0, nothing read
             for buffer, values in zip(buffers, (ranks, a_off, b_off, scales)):
-                if rows:
-                    self._fill(buffer, values, rows=rows)
-        if not self.capture:
-            return self._forward(b)[:n]
-        if b not in self.graphs:
-            self._capture(b)
-        graph, logits = self.graphs[b]
-        graph.replay()
-        return logits[:n]
+                self._fill(buffer, values, rows=rows)
 
     def _fill(self, buffer: torch.Tensor, values, rows: int | None = None) -> None:
         host = torch.tensor(values, dtype=buffer.dtype)
         buffer[:host.shape[0] if rows is None else rows].copy_(host, non_blocking=False)
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, lora: bool) -> torch.Tensor:
         runner = self.runner
         attn = AttentionMetadata(positions=self.positions[:b], slot_mapping=self.slot_mapping[:b],
                                  query_start_loc=self.query_start_loc[:b + 1], seq_lens=self.seq_lens[:b],
                                  block_tables=self.block_tables[:b], max_query_len=1, max_seq_len=self.max_model_len)
-        groups = {}
-        for group, (ranks, a_off, b_off, scales) in self.groups.items():
-            offsets, sizes = group_layout(group, runner.out_sizes)
-            groups[group] = GroupMeta(ranks[:b], a_off[:b], b_off[:b], scales[:b], offsets, sizes, self.max_lora_rank)
-        lora = LoRABatch(runner.ops, self.token_slots[:b], self.page_tables[:b], groups)
-        return runner.model.forward(self.input_ids[:b], attn, lora, runner.pool, runner.kv_caches,
+        if lora:
+            groups = {}
+            for group, (ranks, a_off, b_off, scales) in self.groups.items():
+                offsets, sizes = group_layout(group, runner.out_sizes)
+                groups[group] = GroupMeta(ranks[:b], a_off[:b], b_off[:b], scales[:b], offsets, sizes,
+                                          self.max_lora_rank)
+            batch = LoRABatch(runner.ops, self.token_slots[:b], self.page_tables[:b], groups)
+        else:
+            batch = LoRABatch(runner.ops, None, None, {})
+        return runner.model.forward(self.input_ids[:b], attn, batch, runner.pool, runner.kv_caches,
                                     self.logits_indices[:b])
 
     def capture_all(self) -> None:
@@ -112,10 +123,11 @@ class DecodeGraphs:
         if not self.capture:
             return
         for b in self.buckets:
-            self._capture(b)
+            for lora in (False, True):
+                self._capture(b, lora)
         torch.cuda.synchronize(self.runner.device)
 
-    def _capture(self, b: int) -> None:
+    def _capture(self, b: int, lora: bool) -> None:
         """Warm up (compiles the Triton kernels) on a side stream, then capture.
 
         ``thread_local``: CUDA calls of other threads (the Python backend's own, a pinned-memory
@@ -123,11 +135,12 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.runner.device)
         stream.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(stream):
-            self._forward(b)
+            self._forward(b, lora)
         torch.cuda.current_stream(self.runner.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool, capture_error_mode="thread_local"):
-            logits = self._forward(b)
+            logits = self._forward(b, lora)
         self.mempool = graph.pool()
-        self.graphs[b] = (graph, logits)
-        logger.info("[multilora] captured the decode graph of batch bucket %d", b)
+        self.graphs[b, lora] = (graph, logits)
+        logger.info("[multilora] captured the decode graph of batch bucket %d (%s)", b,
+                    "with LoRA" if lora else "base model")
