@@ -3,8 +3,10 @@
 A decode step of B sequences is padded to the next bucket: padding rows read and write only the
 pool's scratch page and use no adapter. Every per-step input (token ids, positions, KV slots,
 block tables, LoRA slots, page tables, ranks, offsets, scales) is copied into buffers whose
-addresses never change, so one captured graph serves any mix of sequences and adapters (and a
-second one, without the LoRA kernels, serves steps in which no sequence has an adapter). With
+addresses never change, so one captured graph serves any mix of sequences and adapters. A
+bucket has a graph per set of projection groups that the step's adapters touch (none, attention
+only, all: captured at start; others when first needed), so a step runs no LoRA kernel of a
+group that no adapter of it has. With
 ``capture=False`` the same buffers run eagerly: the CPU twin that tests the padding and tables.
 """
 from __future__ import annotations
@@ -48,7 +50,8 @@ class DecodeGraphs:
             n = len(modules)
             self.groups[group] = (torch.zeros(size, n, **i32), torch.zeros(size, n, **i64), torch.zeros(size, n, **i64),
                                   torch.zeros(size, n, dtype=torch.float32, device=dev))
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # (bucket, LoRA)
+        # (bucket, projection groups with LoRA) -> (graph, its logits buffer)
+        self.graphs: dict[tuple[int, frozenset[str]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mempool = None
 
     def bucket(self, num_seqs: int) -> int | None:
@@ -71,9 +74,7 @@ class DecodeGraphs:
         host = torch.tensor([t + [self.scratch_page] * (width - len(t)) for t in tables]
                             + [[self.scratch_page] * width] * pad, dtype=torch.int32)
         self.block_tables[:b, :width].copy_(host)
-        lora = bool(adapters)
-        if lora:
-            self._fill_lora(b, pad, token_adapters, adapters, adapter_pages)
+        lora = self._fill_lora(b, pad, token_adapters, adapters, adapter_pages) if adapters else frozenset()
         if not self.capture:
             return self._forward(b, lora)[:n]
         if (b, lora) not in self.graphs:
@@ -82,7 +83,9 @@ class DecodeGraphs:
         graph.replay()
         return logits[:n]
 
-    def _fill_lora(self, b: int, pad: int, token_adapters: list[str | None], adapters, adapter_pages) -> None:
+    def _fill_lora(self, b: int, pad: int, token_adapters: list[str | None], adapters,
+                   adapter_pages) -> frozenset[str]:
+        """Fill the LoRA buffers; returns the groups that some adapter of the step has."""
         token_slots, page_tables, groups = host_tables(token_adapters, adapters, adapter_pages, self.runner.out_sizes)
         self._fill(self.token_slots, token_slots + [-1] * pad)
         pages = self.page_tables.shape[1]
@@ -93,19 +96,21 @@ class DecodeGraphs:
             buffers[0][rows:b].zero_()  # slots past the step's adapters: rank 0, nothing read
             for buffer, values in zip(buffers, (ranks, a_off, b_off, scales)):
                 self._fill(buffer, values, rows=rows)
+        return frozenset(g for g, (ranks, *_rest) in groups.items() if any(any(row) for row in ranks))
 
     def _fill(self, buffer: torch.Tensor, values, rows: int | None = None) -> None:
         host = torch.tensor(values, dtype=buffer.dtype)
         buffer[:host.shape[0] if rows is None else rows].copy_(host, non_blocking=False)
 
-    def _forward(self, b: int, lora: bool) -> torch.Tensor:
+    def _forward(self, b: int, lora: frozenset[str]) -> torch.Tensor:
         runner = self.runner
         attn = AttentionMetadata(positions=self.positions[:b], slot_mapping=self.slot_mapping[:b],
                                  query_start_loc=self.query_start_loc[:b + 1], seq_lens=self.seq_lens[:b],
                                  block_tables=self.block_tables[:b], max_query_len=1, max_seq_len=self.max_model_len)
         if lora:
             groups = {}
-            for group, (ranks, a_off, b_off, scales) in self.groups.items():
+            for group in lora:
+                ranks, a_off, b_off, scales = self.groups[group]
                 offsets, sizes = group_layout(group, runner.out_sizes)
                 groups[group] = GroupMeta(ranks[:b], a_off[:b], b_off[:b], scales[:b], offsets, sizes,
                                           self.max_lora_rank)
@@ -123,11 +128,11 @@ class DecodeGraphs:
         if not self.capture:
             return
         for b in self.buckets:
-            for lora in (False, True):
+            for lora in (frozenset(), frozenset(("qkv", "o")), frozenset(GROUPS)):
                 self._capture(b, lora)
         torch.cuda.synchronize(self.runner.device)
 
-    def _capture(self, b: int, lora: bool) -> None:
+    def _capture(self, b: int, lora: frozenset[str]) -> None:
         """Warm up (compiles the Triton kernels) on a side stream, then capture.
 
         ``thread_local``: CUDA calls of other threads (the Python backend's own, a pinned-memory
@@ -142,5 +147,5 @@ class DecodeGraphs:
             logits = self._forward(b, lora)
         self.mempool = graph.pool()
         self.graphs[b, lora] = (graph, logits)
-        logger.info("[multilora] captured the decode graph of batch bucket %d (%s)", b,
-                    "with LoRA" if lora else "base model")
+        logger.info("[multilora] captured the decode graph of batch bucket %d (LoRA on: %s)", b,
+                    ", ".join(sorted(lora)) or "none")
