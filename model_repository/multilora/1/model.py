@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -40,6 +41,9 @@ STATS_POLL_S = 0.1
 MAX_EVENTS_PER_ROUND = 4096
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _STOP = ("stop",)
+# The engine thread lets go of the GIL at every wait on the GPU; with Python's default 5 ms switch
+# interval a busy response thread then keeps it for up to 5 ms of a ~10 ms decode step.
+GIL_SWITCH_INTERVAL_S = 0.0005
 FAULTHANDLER_ENV = "MULTILORA_FAULTHANDLER"  # a file: every thread's stack every 30 s, and on a crash
 
 INPUTS = [
@@ -111,7 +115,8 @@ class _LiveRequest:
     parsed: ParsedRequest | None  # None: rejected before reaching the engine
     arrival: float
     pending: RequestOutput | None = None  # deltas received but not sent yet
-    last_token_time: float | None = None
+    first_token_seen: bool = False
+    last_sent_time: float | None = None  # of the last response with tokens (streaming)
     prompt_tokens_counted: bool = False
 
 
@@ -133,6 +138,7 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         _start_faulthandler()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise ValueError("multilora needs model_transaction_policy { decoupled: true }")
@@ -261,11 +267,9 @@ class TritonPythonModel:
         num_tokens = len(output.token_ids)
         if num_tokens:
             self._metrics.generation_tokens(num_tokens)
-            if state.last_token_time is None:
+            if not state.first_token_seen:
                 self._metrics.time_to_first_token(at - state.arrival)
-            else:
-                self._metrics.inter_token_latency((at - state.last_token_time) / num_tokens)
-            state.last_token_time = at
+                state.first_token_seen = True
         state.pending = output if state.pending is None else state.pending.merge(output)
 
     def _flush(self, state: _LiveRequest) -> bool:
@@ -274,6 +278,7 @@ class TritonPythonModel:
         stream = state.parsed is not None and state.parsed.stream
         failed = output.error is not None or (output.finished and output.finish_reason == "abort")
         if stream and (output.text or output.token_ids) and (failed or not output.finished):
+            self._note_streamed(state, len(output.token_ids))
             self._send(state, self._response(state, output), 0)
             state.pending = output = RequestOutput(request_id=state.request_id,
                                                    finished=output.finished,
@@ -287,9 +292,22 @@ class TritonPythonModel:
         if output.finished:
             self._metrics.request_succeeded()
             self._metrics.flush()  # counters are current once the client has the FINAL
+            if stream:
+                self._note_streamed(state, len(output.token_ids))
             self._send(state, self._response(state, output), _FINAL)
             return True
         return False
+
+    def _note_streamed(self, state: _LiveRequest, num_tokens: int) -> None:
+        """Inter-token latency as a streaming client sees it: per response, the gap since the
+        previous one over the tokens it carries (one observation per response, not per token:
+        each is an IPC round trip to the server, made while holding the GIL)."""
+        if not num_tokens:
+            return
+        now = time.monotonic()
+        if state.last_sent_time is not None:
+            self._metrics.inter_token_latency((now - state.last_sent_time) / num_tokens)
+        state.last_sent_time = now
 
     def _response(self, state: _LiveRequest, output: RequestOutput) -> Any:
         parsed = state.parsed
