@@ -109,8 +109,6 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int) -
                        f"match the base model (expected ({rank}, {n_in}) and ({n_out}, {rank}))")
         if rank > max_lora_rank:
             raise fail(f"rank {rank} exceeds max_lora_rank={max_lora_rank} (raise max_lora_rank in engine.json)")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise fail(f"layer {layer} {module}: weights contain NaN or Inf")
         alpha = _alpha_for(f"model.layers.{layer}.{module}", alpha_pattern, default_alpha)
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         weights[layer][module] = (a, b, scale)
@@ -149,8 +147,16 @@ class PackedAdapter:
         return self.data.numel() * self.data.element_size()
 
 
+def read_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int, page_size: int, dtype: torch.dtype,
+                 pin_memory: bool = False) -> PackedAdapter:
+    """load_adapter, then pack_adapter: a checked adapter ready for the pool."""
+    return pack_adapter(load_adapter(name, path, model, max_lora_rank), model, page_size, dtype, pin_memory)
+
+
 def pack_adapter(adapter: LoRAAdapter, model: ModelConfig, page_size: int, dtype: torch.dtype,
                  pin_memory: bool = False) -> PackedAdapter:
+    """Raises AdapterLoadError if a weight is NaN or Inf, or becomes Inf in ``dtype`` (checked
+    once, on the packed buffer: one pass over the bytes instead of two small ops per tensor)."""
     shapes = model.projection_shapes()
     ranks, a_offsets, b_offsets, scales = {}, {}, {}, {}
     offset = 0
@@ -176,4 +182,33 @@ def pack_adapter(adapter: LoRAAdapter, model: ModelConfig, page_size: int, dtype
             a_off, b_off = a_offsets[m], b_offsets[m]
             data[layer, a_off:a_off + r * n_in] = a.reshape(-1).to(dtype)
             data[layer, b_off:b_off + r * n_out] = b.t().reshape(-1).to(dtype)
+    if not _all_finite(data):
+        raise AdapterLoadError(f"LoRA adapter '{adapter.name}' ({adapter.path}): {_non_finite(adapter, dtype)}")
     return PackedAdapter(adapter.name, data, num_pages, ranks, a_offsets, b_offsets, scales)
+
+
+# exponent bits of IEEE formats: all ones = Inf or NaN
+_EXPONENT = {torch.float16: (torch.int16, 0x7C00), torch.bfloat16: (torch.int16, 0x7F80),
+             torch.float32: (torch.int32, 0x7F800000)}
+
+
+def _all_finite(data: torch.Tensor) -> bool:
+    """torch.isfinite(data).all(), on the bits: half-precision math is slow on CPUs."""
+    if data.dtype not in _EXPONENT:
+        return bool(torch.isfinite(data).all())
+    int_type, mask = _EXPONENT[data.dtype]
+    # masked values are at most ``mask``, which they reach only for Inf or NaN; max() is one fast pass
+    return data.numel() == 0 or int((data.view(int_type) & mask).max()) != mask
+
+
+def _non_finite(adapter: LoRAAdapter, dtype: torch.dtype) -> str:
+    """Which weight is NaN or Inf, or overflows ``dtype`` (the slow search, after a failed check)."""
+    for layer, modules in enumerate(adapter.weights):
+        for module, (a, b, _) in modules.items():
+            for label, t in (("lora_A", a), ("lora_B", b)):
+                if not torch.isfinite(t).all():
+                    return f"layer {layer} {module} {label}: weights contain NaN or Inf"
+                if not torch.isfinite(t.to(dtype)).all():
+                    return (f"layer {layer} {module} {label}: weights up to {t.abs().max().item():.3g} overflow "
+                            f"{str(dtype).removeprefix('torch.')} (serve with dtype float32 or bfloat16, or rescale)")
+    return "weights contain NaN or Inf"

@@ -39,7 +39,8 @@ class AsyncEngine:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # adapters read from disk off the request path; request id -> aborted while loading
-        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="multilora-adapter-loader")
+        self._loader = ThreadPoolExecutor(max_workers=config.adapter_loader_threads,
+                                          thread_name_prefix="multilora-adapter-loader")
         self._loading: dict[str, bool] = {}
         self._loading_lock = threading.Lock()
 

@@ -155,6 +155,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     max_lora_rank: int = 64
     max_host_adapter_bytes: int = 8 << 30  # host-memory tier of adapters (LRU)
+    adapter_loader_threads: int = 4  # threads reading adapters from disk off the request path
     lora_roots: list[str] = field(default_factory=list)
     max_waiting_requests: int = 4096
     default_max_tokens: int = 16  # when a request sets no max_tokens (clipped to the context left)
@@ -172,7 +173,7 @@ class EngineConfig:
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"engine config: dtype {self.dtype!r} must be auto, float32, float16 or bfloat16")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank",
-                     "max_waiting_requests", "default_max_tokens"):
+                     "max_waiting_requests", "default_max_tokens", "adapter_loader_threads"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"engine config: {name} must be >= 1, got {getattr(self, name)!r}")
         if not 0 < self.gpu_memory_utilization <= 1:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.adapters import PackedAdapter, load_adapter, pack_adapter
+from engine.adapters import PackedAdapter, read_adapter
 from engine.config import ModelConfig
 from engine.errors import AdapterNotFoundError, InvalidRequestError
 
@@ -86,8 +86,7 @@ class LoRAManager:
                 return packed
         path = self.resolve(name)
         start = time.monotonic()
-        adapter = load_adapter(name, path, self.model, self.max_lora_rank)
-        packed = pack_adapter(adapter, self.model, self.page_size, self.dtype, self.pin_memory)
+        packed = read_adapter(name, path, self.model, self.max_lora_rank, self.page_size, self.dtype, self.pin_memory)
         seconds = time.monotonic() - start
         with self._lock:
             if name in self._host:  # another thread loaded it meanwhile
@@ -97,8 +96,8 @@ class LoRAManager:
                 self._host[name] = packed
                 self.stats.loads_total += 1
                 self.stats.load_seconds_total += seconds
-                logger.info("[multilora] loaded LoRA adapter '%s' (rank %d, %s) from disk in %.3f s",
-                            name, adapter.rank, ",".join(adapter.modules), seconds)
+                logger.info("[multilora] loaded LoRA adapter '%s' (%d pages) from disk in %.3f s",
+                            name, packed.num_pages, seconds)
             self._refs[name] = self._refs.get(name, 0) + 1
             self._shrink()
         return packed

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.adapters import load_adapter, pack_adapter
+from engine.adapters import load_adapter, pack_adapter, read_adapter
 from engine.config import ModelConfig
 from engine.errors import AdapterLoadError, AdapterNotFoundError, InvalidRequestError
 from engine.lora_manager import LoRAManager, check_adapter_name
@@ -81,7 +81,22 @@ def test_bad_adapters_are_rejected_clearly(tmp_path, base_and_adapter, edit_tens
     path = broken_copy(good, tmp_path / "bad", edit_tensors, edit_config)
     max_rank = 4 if message.startswith("exceeds") else 64
     with pytest.raises(AdapterLoadError, match=message):
-        load_adapter("bad", path, ModelConfig.from_dir(base), max_lora_rank=max_rank)
+        read_adapter("bad", path, ModelConfig.from_dir(base), max_lora_rank=max_rank, page_size=512,
+                     dtype=torch.float32)
+
+
+def test_weights_that_overflow_the_serving_dtype_are_rejected(tmp_path, base_and_adapter):
+    base, good = base_and_adapter
+
+    def huge(t):
+        key = sorted(k for k in t if "lora_B" in k)[-1]
+        t[key] = torch.full_like(t[key], 1e6)  # finite in float32, Inf in float16
+
+    path = broken_copy(good, tmp_path / "huge", huge)
+    model = ModelConfig.from_dir(base)
+    assert read_adapter("huge", path, model, 64, page_size=512, dtype=torch.float32).num_pages > 0
+    with pytest.raises(AdapterLoadError, match=r"lora_B: weights up to 1e\+06 overflow float16"):
+        read_adapter("huge", path, model, 64, page_size=512, dtype=torch.float16)
 
 
 def test_pickle_adapter_is_never_loaded(tmp_path, base_and_adapter):
