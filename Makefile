@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 BASE_PYTHON ?= $(shell test -x /usr/bin/python3.11 && echo /usr/bin/python3.11 || echo python3)
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test venv clean
+.PHONY: serve test plots venv clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(BASE_PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=1 $(PY) -m pytest -q tests $(ARGS)
+
+# Draws docs/*.json benchmark results as docs/plot_*.png; matplotlib stays out of the test extra.
+plots: $(STAMP)
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install -q "numpy<2" -e ".[bench]"
+	PYTHONPATH=. $(PY) bench/plots.py
 
 clean:
 	rm -rf $(VENV)

@@ -79,10 +79,13 @@ class PageManager:
         return list(self._adapters)
 
     def can_reserve(self, num_pages: int) -> bool:
-        return num_pages <= self.num_free + self.num_evictable_pages()
+        # the free list first: a decode step asks this of every sequence, mostly for 0 or 1 page
+        return num_pages <= self.num_free or num_pages <= self.num_free + self.num_evictable_pages()
 
     def reserve(self, num_pages: int) -> bool:
         """Make ``num_pages`` pages free, evicting idle adapters (least recently used first)."""
+        if num_pages <= self.num_free:
+            return True
         if not self.can_reserve(num_pages):
             return False
         for name in list(self._adapters):
