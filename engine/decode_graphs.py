@@ -2,8 +2,8 @@
 
 A decode step of B sequences is padded to the next bucket: padding rows read and write only the
 pool's scratch page and use no adapter. Every per-step input (token ids, positions, KV slots,
-block tables, LoRA slots, page tables, ranks, offsets, scales) is copied into buffers whose
-addresses never change, so one captured graph serves any mix of sequences and adapters. A
+block tables, LoRA slots, page tables, ranks, offsets, scales) is written into an InputArena, whose
+device buffers' addresses never change, so one captured graph serves any mix of sequences and adapters. A
 bucket has a graph per set of projection groups that the step's adapters touch (none, attention
 only, all: captured at start; others when first needed), so a step runs no LoRA kernel of a
 group that no adapter of it has. With
@@ -12,6 +12,7 @@ group that no adapter of it has. With
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -21,6 +22,56 @@ from engine.model import AttentionMetadata
 logger = logging.getLogger("multilora")
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class InputArena:
+    """The graphs' per-step inputs as views of one device buffer, written through numpy views of
+    one pinned host buffer of the same layout and sent with a single copy per step.
+
+    One copy instead of one per input matters twice: each torch call of the engine thread lets
+    go of the GIL, and getting it back from a busy response thread (the Triton model) can take a
+    switch interval. On CPU the host and device buffers are the same memory and nothing is copied.
+    """
+
+    ALIGN = 64  # bytes; every input starts aligned
+
+    def __init__(self, specs: list[tuple[str, tuple[int, ...], torch.dtype]], device: torch.device) -> None:
+        layout, total = {}, 0
+        for name, shape, dtype in specs:
+            total = -(-total // self.ALIGN) * self.ALIGN
+            nbytes = math.prod(shape) * dtype.itemsize
+            layout[name] = (total, nbytes, shape, dtype)
+            total += nbytes
+        self.layout = layout
+        self.device_bytes = torch.zeros(total, dtype=torch.uint8, device=device)
+        self.pinned = device.type == "cuda"
+        self.host_bytes = torch.zeros(total, dtype=torch.uint8, pin_memory=True) if self.pinned else self.device_bytes
+        self.device = {n: self._view(self.device_bytes, n) for n in layout}
+        self.host = {n: self._view(self.host_bytes, n).numpy() for n in layout}
+        self._copied = torch.cuda.Event() if self.pinned else None
+        self._in_flight = False
+
+    def _view(self, buffer: torch.Tensor, name: str) -> torch.Tensor:
+        offset, nbytes, shape, dtype = self.layout[name]
+        return buffer[offset:offset + nbytes].view(dtype).view(shape)
+
+    def end_of(self, name: str, rows: int) -> int:
+        """Byte offset just past the first ``rows`` rows of an input."""
+        offset, nbytes, shape, _ = self.layout[name]
+        return offset + nbytes // shape[0] * rows
+
+    def wait(self) -> None:
+        """Before writing the host buffer: the previous step's copy has left it."""
+        if self._in_flight:
+            self._copied.synchronize()
+            self._in_flight = False
+
+    def upload(self, num_bytes: int) -> None:
+        """Send the first ``num_bytes`` of the host buffer, ordered before the step's replay."""
+        if self.pinned:
+            self.device_bytes[:num_bytes].copy_(self.host_bytes[:num_bytes], non_blocking=True)
+            self._copied.record()
+            self._in_flight = True
 
 
 class DecodeGraphs:
@@ -35,21 +86,24 @@ class DecodeGraphs:
         dev, bs = runner.device, runner.block_size
         self.scratch_page = runner.num_pages  # the pool's last page belongs to no one
         max_blocks = -(-max_model_len // bs)
-        i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
-        self.input_ids = torch.zeros(size, **i64)
-        self.positions = torch.zeros(size, **i64)
-        self.slot_mapping = torch.full((size,), self.scratch_page * bs, **i64)
-        self.query_start_loc = torch.arange(size + 1, **i32)
-        self.seq_lens = torch.ones(size, **i32)
-        self.block_tables = torch.full((size, max_blocks), self.scratch_page, **i32)
-        self.logits_indices = torch.arange(size, **i64)
-        self.token_slots = torch.full((size,), -1, **i32)
-        self.page_tables = torch.zeros(size, max(1, max_adapter_pages), **i32)
-        self.groups = {}
+        i32, i64, f32 = torch.int32, torch.int64, torch.float32
+        specs = [("input_ids", (size,), i64), ("positions", (size,), i64), ("slot_mapping", (size,), i64),
+                 ("seq_lens", (size,), i32), ("token_slots", (size,), i32),
+                 ("page_tables", (size, max(1, max_adapter_pages)), i32)]
         for group, modules in GROUPS.items():
             n = len(modules)
-            self.groups[group] = (torch.zeros(size, n, **i32), torch.zeros(size, n, **i64), torch.zeros(size, n, **i64),
-                                  torch.zeros(size, n, dtype=torch.float32, device=dev))
+            specs += [(f"{group}.ranks", (size, n), i32), (f"{group}.a_offsets", (size, n), i64),
+                      (f"{group}.b_offsets", (size, n), i64), (f"{group}.scales", (size, n), f32)]
+        specs.append(("block_tables", (size, max_blocks), i32))  # last: a step sends only its rows
+        self.arena = InputArena(specs, dev)
+        host = self.arena.host
+        host["slot_mapping"][:] = self.scratch_page * bs
+        host["seq_lens"][:] = 1
+        host["token_slots"][:] = -1
+        host["block_tables"][:] = self.scratch_page
+        self.arena.upload(self.arena.device_bytes.numel())
+        self.query_start_loc = torch.arange(size + 1, dtype=i32, device=dev)
+        self.logits_indices = torch.arange(size, dtype=i64, device=dev)
         # (bucket, projection groups with LoRA) -> (graph, its logits buffer)
         self.graphs: dict[tuple[int, frozenset[str]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mempool = None
@@ -62,19 +116,24 @@ class DecodeGraphs:
         """Logits [n, V] of a decode step of n sequences (one new token each)."""
         n = len(input_ids)
         b = self.bucket(n)
-        pad = b - n
-        bs = self.runner.block_size
-        self._fill(self.input_ids, input_ids + [0] * pad)
-        self._fill(self.positions, positions + [0] * pad)
-        self._fill(self.slot_mapping, slots + [self.scratch_page * bs] * pad)
-        self._fill(self.seq_lens, seq_lens + [1] * pad)
-        # Only the blocks below a row's seq_len are read: the step's widest table, and the first
-        # block of the padding rows (the scratch page); older columns may hold stale pages.
-        width = max(len(t) for t in tables)
-        host = torch.tensor([t + [self.scratch_page] * (width - len(t)) for t in tables]
-                            + [[self.scratch_page] * width] * pad, dtype=torch.int32)
-        self.block_tables[:b, :width].copy_(host)
-        lora = self._fill_lora(b, pad, token_adapters, adapters, adapter_pages) if adapters else frozenset()
+        self.arena.wait()
+        host = self.arena.host
+        host["input_ids"][:n] = input_ids
+        host["input_ids"][n:b] = 0
+        host["positions"][:n] = positions
+        host["positions"][n:b] = 0
+        host["slot_mapping"][:n] = slots
+        host["slot_mapping"][n:b] = self.scratch_page * self.runner.block_size
+        host["seq_lens"][:n] = seq_lens
+        host["seq_lens"][n:b] = 1
+        # Only the blocks below a row's seq_len are read: the step's tables, and the first block of
+        # the padding rows (the scratch page); columns past a table may hold stale pages.
+        block_tables = host["block_tables"]
+        for row, table in enumerate(tables):
+            block_tables[row, :len(table)] = table
+        block_tables[n:b, 0] = self.scratch_page
+        lora = self._fill_lora(b, token_adapters, adapters, adapter_pages) if adapters else frozenset()
+        self.arena.upload(self.arena.end_of("block_tables", b))
         if not self.capture:
             return self._forward(b, lora)[:n]
         if (b, lora) not in self.graphs:
@@ -83,41 +142,44 @@ class DecodeGraphs:
         graph.replay()
         return logits[:n]
 
-    def _fill_lora(self, b: int, pad: int, token_adapters: list[str | None], adapters,
-                   adapter_pages) -> frozenset[str]:
-        """Fill the LoRA buffers; returns the groups that some adapter of the step has."""
+    def _fill_lora(self, b: int, token_adapters: list[str | None], adapters, adapter_pages) -> frozenset[str]:
+        """Write the LoRA tables; returns the groups that some adapter of the step has."""
         token_slots, page_tables, groups = host_tables(token_adapters, adapters, adapter_pages, self.runner.out_sizes)
-        self._fill(self.token_slots, token_slots + [-1] * pad)
-        pages = self.page_tables.shape[1]
-        self._fill(self.page_tables, [t + [0] * (pages - len(t)) for t in page_tables], rows=len(page_tables))
+        host = self.arena.host
+        n = len(token_slots)
+        host["token_slots"][:n] = token_slots
+        host["token_slots"][n:b] = -1
+        for row, pages in enumerate(page_tables):
+            host["page_tables"][row, :len(pages)] = pages
+        present = []
         for group, (ranks, a_off, b_off, scales) in groups.items():
-            buffers = self.groups[group]
             rows = len(ranks)
-            buffers[0][rows:b].zero_()  # slots past the step's adapters: rank 0, nothing read
-            for buffer, values in zip(buffers, (ranks, a_off, b_off, scales)):
-                self._fill(buffer, values, rows=rows)
-        return frozenset(g for g, (ranks, *_rest) in groups.items() if any(any(row) for row in ranks))
-
-    def _fill(self, buffer: torch.Tensor, values, rows: int | None = None) -> None:
-        host = torch.tensor(values, dtype=buffer.dtype)
-        buffer[:host.shape[0] if rows is None else rows].copy_(host, non_blocking=False)
+            host[f"{group}.ranks"][:rows] = ranks
+            host[f"{group}.ranks"][rows:b] = 0  # slots past the step's adapters: rank 0, nothing read
+            host[f"{group}.a_offsets"][:rows] = a_off
+            host[f"{group}.b_offsets"][:rows] = b_off
+            host[f"{group}.scales"][:rows] = scales
+            if any(any(row) for row in ranks):
+                present.append(group)
+        return frozenset(present)
 
     def _forward(self, b: int, lora: frozenset[str]) -> torch.Tensor:
-        runner = self.runner
-        attn = AttentionMetadata(positions=self.positions[:b], slot_mapping=self.slot_mapping[:b],
-                                 query_start_loc=self.query_start_loc[:b + 1], seq_lens=self.seq_lens[:b],
-                                 block_tables=self.block_tables[:b], max_query_len=1, max_seq_len=self.max_model_len)
+        runner, dev = self.runner, self.arena.device
+        attn = AttentionMetadata(positions=dev["positions"][:b], slot_mapping=dev["slot_mapping"][:b],
+                                 query_start_loc=self.query_start_loc[:b + 1], seq_lens=dev["seq_lens"][:b],
+                                 block_tables=dev["block_tables"][:b], max_query_len=1,
+                                 max_seq_len=self.max_model_len)
         if lora:
             groups = {}
             for group in lora:
-                ranks, a_off, b_off, scales = self.groups[group]
                 offsets, sizes = group_layout(group, runner.out_sizes)
-                groups[group] = GroupMeta(ranks[:b], a_off[:b], b_off[:b], scales[:b], offsets, sizes,
+                groups[group] = GroupMeta(dev[f"{group}.ranks"][:b], dev[f"{group}.a_offsets"][:b],
+                                          dev[f"{group}.b_offsets"][:b], dev[f"{group}.scales"][:b], offsets, sizes,
                                           self.max_lora_rank)
-            batch = LoRABatch(runner.ops, self.token_slots[:b], self.page_tables[:b], groups)
+            batch = LoRABatch(runner.ops, dev["token_slots"][:b], dev["page_tables"][:b], groups)
         else:
             batch = LoRABatch(runner.ops, None, None, {})
-        return runner.model.forward(self.input_ids[:b], attn, batch, runner.pool, runner.kv_caches,
+        return runner.model.forward(dev["input_ids"][:b], attn, batch, runner.pool, runner.kv_caches,
                                     self.logits_indices[:b])
 
     def capture_all(self) -> None:

@@ -13,12 +13,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int,
     Each seeded request draws from its own generator, so its tokens do not depend on what
     else shares the batch. Before min_tokens are out, EOS and stop_token_ids are masked.
     """
-    logits = logits.clone()
+    cloned = False
     for row, seq in enumerate(seqs):
         p = seq.params
         if len(seq.output_token_ids) < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
             if banned:
+                if not cloned:  # the caller's logits stay as they are (a graph's output buffer)
+                    logits, cloned = logits.clone(), True
                 logits[row, banned] = float("-inf")
     tokens = logits.argmax(dim=-1).tolist()
     for row, seq in enumerate(seqs):
