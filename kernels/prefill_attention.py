@@ -14,8 +14,8 @@ import triton.language as tl
 
 from kernels import tiles
 from kernels.attention_args import check_attention_args, check_out
+from kernels.attention_common import LOG2E, load_paged_rows, softmax_rescale
 
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -62,18 +62,14 @@ def _prefill_attention_kernel(
         block = tl.load(bt_row + offs_n // BS, mask=n_in, other=0).to(tl.int64)
         in_block = offs_n % BS
         kv_mask = n_in[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + (block * k_stride_b + in_block * k_stride_s + kv_head * k_stride_h)[:, None]
-                    + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        k = load_paged_rows(k_ptr, block, in_block, kv_head, k_stride_b, k_stride_s, k_stride_h, offs_d,
+                            kv_mask)  # [BLOCK_N, BLOCK_D]
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] > window_lo[:, None])
         qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
-        p = tl.exp2(qk - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + (block * v_stride_b + in_block * v_stride_s + kv_head * v_stride_h)[:, None]
-                    + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        p, alpha, m_new, l_i = softmax_rescale(qk, m_i, l_i)
+        v = load_paged_rows(v_ptr, block, in_block, kv_head, v_stride_b, v_stride_s, v_stride_h, offs_d,
+                            kv_mask)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
