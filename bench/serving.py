@@ -236,7 +236,8 @@ def server_stats(server: TritonServer) -> dict[str, float]:
             "adapter_load_seconds": m.get("multilora_adapter_load_seconds_total", 0.0),
             "adapter_misses": m.get("multilora_adapter_cache_misses_total", 0.0),
             "adapter_evictions": m.get("multilora_adapter_evictions_total", 0.0),
-            "preemptions": m.get("multilora_preemptions_total", 0.0)}
+            "preemptions": m.get("multilora_preemptions_total", 0.0),
+            "engine_steps": m.get("multilora_engine_steps_total", 0.0)}
 
 
 def engine_stats(engine) -> dict[str, float]:
@@ -244,7 +245,7 @@ def engine_stats(engine) -> dict[str, float]:
     return {"num_running": s.num_running, "num_waiting": s.num_waiting, "adapter_loads": s.adapter_loads_total,
             "adapter_load_seconds": s.adapter_load_seconds_total,
             "adapter_misses": s.adapter_misses_total, "adapter_evictions": s.adapter_evictions_total,
-            "preemptions": s.num_preemptions_total}
+            "preemptions": s.num_preemptions_total, "engine_steps": s.steps_total}
 
 
 def wait_idle(stats, timeout_s: float = 60.0) -> bool:
@@ -351,6 +352,7 @@ def run_path(path: str, configs: list[Config], workloads: dict[Config, list[Work
                 continue
             before = stats()
             records, start, end = asyncio.run(run(workload, stop_after, f"c{i}"))
+            at_end = stats()
             idle = wait_idle(stats)
             after = stats()
             summary = summarize(records, start, end, args.slo_ttft)
@@ -359,6 +361,9 @@ def run_path(path: str, configs: list[Config], workloads: dict[Config, list[Work
             summary["adapters"] = {k: after[k] - before[k] for k in ("adapter_loads", "adapter_load_seconds",
                                                                     "adapter_misses", "adapter_evictions",
                                                                     "preemptions")}
+            # engine steps (batches) per second in the window: whether the engine itself slowed down,
+            # or only the delivery of its tokens (Triton's counter lags by up to 0.1 s)
+            summary["engine_steps_per_s"] = (at_end["engine_steps"] - before["engine_steps"]) / max(end - start, 1e-9)
             summary["idle_after"] = idle
             results.append({"path": path, "config": vars(config) | {"label": config.label}, "summary": summary})
             log(f"[{path}] {config.label}: {summary['num_finished']}/{summary['num_sent']} finished, "
@@ -379,7 +384,7 @@ def fmt(value, digits: int = 0) -> str:
 
 def print_table(results: list[dict]) -> None:
     header = ("| config | path | finished/sent | req/s | tok/s | TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms "
-              "| SLO (TTFT<6s) | resp/token | adapter loads/misses |")
+              "| SLO (TTFT<6s) | resp/token | adapter loads/misses | engine steps/s |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for r in results:
@@ -396,7 +401,8 @@ def print_table(results: list[dict]) -> None:
         print(f"| {config} | {r['path']} | {s['num_finished']}/{s['num_sent']} | {s['request_throughput']:.2f} "
               f"| {s['token_throughput']:.0f} | {fmt(t['p50'])}/{fmt(t['p90'])}/{fmt(t['p99'])} "
               f"| {fmt(i['p50'], 1)}/{fmt(i['p90'], 1)}/{fmt(i['p99'], 1)} | {slo} "
-              f"| {fmt(s['responses_per_token'], 3)} | {a['adapter_loads']:.0f}/{a['adapter_misses']:.0f} |")
+              f"| {fmt(s['responses_per_token'], 3)} | {a['adapter_loads']:.0f}/{a['adapter_misses']:.0f} "
+              f"| {fmt(s.get('engine_steps_per_s'))} |")
 
 
 def targets(results: list[dict]) -> dict:

@@ -333,6 +333,10 @@ def test_metrics_move_by_exact_amounts(llm_server):
     assert delta("vllm:generation_tokens_total") == generated
     assert delta("multilora_time_to_first_token_seconds_count") == 4
     assert 0 < delta("multilora_inter_token_latency_seconds_count") <= generated - 4
+    # engine counters come with the 0.1 s stats refresh: each step gives a request one token at most
+    longest = max(sum(len(r.output_ids) for r in rs) for rs in good)
+    steps_before = metric_value(before, "multilora_engine_steps_total", model=MODEL)
+    wait_for_metric(llm_server.metrics_url, "multilora_engine_steps_total", lambda v: v - steps_before >= longest)
     # gauges from the engine's stats, under both names
     assert_idle(llm_server)
     idle = read_metrics(llm_server.metrics_url)

@@ -37,6 +37,7 @@ COUNTERS = {
     "multilora_adapter_cache_misses_total": "Requests admitted after copying their adapter into the pool.",
     "multilora_adapter_evictions_total": "Adapters evicted from the GPU pool.",
     "multilora_preemptions_total": "Running requests preempted (recomputed later).",
+    "multilora_engine_steps_total": "Engine steps run (one batch of prefill and decode tokens each).",
     "vllm:prompt_tokens_total": "Number of prefill tokens processed.",
     "vllm:generation_tokens_total": "Number of generation tokens processed.",
     "vllm:num_preemptions_total": "Cumulative number of preemption from the engine.",
@@ -83,6 +84,7 @@ _STAT_COUNTERS = [
     (("multilora_adapter_cache_misses_total",), "adapter_misses_total"),
     (("multilora_adapter_evictions_total",), "adapter_evictions_total"),
     (("multilora_preemptions_total", "vllm:num_preemptions_total"), "num_preemptions_total"),
+    (("multilora_engine_steps_total",), "steps_total"),
 ]
 
 Labels = tuple  # extra labels as ((key, value), ...)
