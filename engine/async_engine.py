@@ -18,6 +18,8 @@ from engine.sampling_params import SamplingParams
 logger = logging.getLogger("multilora")
 
 OutputCallback = Callable[[RequestOutput], None]
+# receives every output of one engine step at once (instead of one callback call per output)
+StepSink = Callable[[list[RequestOutput]], None]
 
 
 class AsyncEngine:
@@ -25,7 +27,10 @@ class AsyncEngine:
 
     ``add_request`` validates in the caller's thread (raising EngineError subclasses at once),
     then the loop thread owns the request. ``on_output`` is called from the loop thread with
-    each delta and must not block (put it on a queue).
+    each delta and must not block (put it on a queue). A ``step_sink`` set before ``start`` takes
+    the outputs of each step as one list instead, in the loop thread (one queue operation per step
+    for a consumer that handles many requests); the per-request callbacks then serve only the
+    outputs made outside the loop (adapter load failures).
     """
 
     def __init__(self, config: EngineConfig, adapters: dict[str, str] | None = None) -> None:
@@ -37,6 +42,7 @@ class AsyncEngine:
         self._stats = EngineStats()
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
+        self.step_sink: StepSink | None = None
         self._thread: threading.Thread | None = None
         # adapters read from disk off the request path; request id -> aborted while loading
         self._loader = ThreadPoolExecutor(max_workers=config.adapter_loader_threads,
@@ -155,11 +161,9 @@ class AsyncEngine:
                 except Exception as e:  # a failed step must not leave requests hanging
                     logger.exception("[multilora] engine step failed")
                     outputs = engine.fail_all(EngineError(f"internal engine error: {e}"))
-                for out in outputs:
-                    self._emit(out)
+                self._emit(outputs)
             self._publish_stats()
-        for out in engine.fail_all(EngineError("the engine is shutting down")):
-            self._emit(out)
+        self._emit(engine.fail_all(EngineError("the engine is shutting down")))
 
     def _handle(self, command: tuple[str, Any]) -> None:
         kind, arg = command
@@ -174,13 +178,24 @@ class AsyncEngine:
         elif kind == "abort":
             out = self.engine.abort(arg)
             if out is not None:
-                self._emit(out)
+                self._emit([out])
 
-    def _emit(self, out: RequestOutput) -> None:
-        callback = self._callbacks.get(out.request_id)
-        if out.finished:
-            self._callbacks.pop(out.request_id, None)
-        if callback is not None:
+    def _emit(self, outputs: list[RequestOutput]) -> None:
+        delivered, callbacks = [], []
+        for out in outputs:
+            callback = self._callbacks.pop(out.request_id, None) if out.finished else self._callbacks.get(out.request_id)
+            if callback is not None:  # None: the request ended already (e.g. aborted)
+                delivered.append(out)
+                callbacks.append(callback)
+        if not delivered:
+            return
+        if self.step_sink is not None:
+            try:
+                self.step_sink(delivered)
+            except Exception:
+                logger.exception("[multilora] the step sink failed for %d outputs", len(delivered))
+            return
+        for callback, out in zip(callbacks, delivered):
             try:
                 callback(out)
             except Exception:

@@ -87,6 +87,36 @@ def test_prompt_and_max_tokens_limits(llm):
         engine.make_sequence("x", None, [1, 2], SamplingParams(), "missing")
 
 
+def test_async_engine_step_sink_gets_each_steps_outputs_at_once(base):
+    """With a step sink, the loop hands over one list per step (all of the step's requests), and
+    the per-request callbacks are not called for those outputs."""
+    engine = AsyncEngine(EngineConfig(model=base, num_pages=64))
+    batches, direct = [], []
+    done = threading.Event()
+
+    def sink(outputs):
+        batches.append(list(outputs))
+        if sum(o.finished for batch in batches for o in batch) == 3:
+            done.set()
+
+    engine.step_sink = sink
+    engine.start()
+    try:
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        for rid in ("a", "b", "c"):
+            engine.add_request(rid, None, [1, 5, 7], params, None, direct.append)
+        assert done.wait(30)
+    finally:
+        engine.shutdown()
+    assert direct == []
+    outputs = [o for batch in batches for o in batch]
+    for rid in ("a", "b", "c"):
+        mine = [o for o in outputs if o.request_id == rid]
+        assert sum(len(o.token_ids) for o in mine) == 6 and [o.finished for o in mine] == [False] * (len(mine) - 1) + [True]
+    assert max(len(batch) for batch in batches) == 3  # the three requests decode in the same steps
+    assert all(len({o.request_id for o in batch}) == len(batch) for batch in batches)  # one output per request a step
+
+
 def test_async_engine_streams_deltas_and_aborts(base, tmp_path):
     adapter = write_adapter(str(tmp_path / "a"), base, 4, ["q_proj"], seed=3)
     engine = AsyncEngine(EngineConfig(model=base, num_pages=64), {"a": adapter})

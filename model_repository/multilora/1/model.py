@@ -159,6 +159,7 @@ class TritonPythonModel:
         self._last_stats_error = ""
         try:
             self._engine = AsyncEngine.from_files(engine_json, multi_lora_json, overrides)
+            self._engine.step_sink = self._on_step_outputs  # one queue operation per engine step
             self._engine.start()
         except Exception:
             _log("error", f"the engine could not start:\n{traceback.format_exc()}")
@@ -209,6 +210,10 @@ class TritonPythonModel:
         except Exception as error:
             self._events.put(("output", request_id, _failed(request_id, error), time.monotonic()))
 
+    def _on_step_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Engine loop thread: hand a step's outputs over without blocking."""
+        self._events.put(("outputs", outputs, time.monotonic()))
+
     # -- response thread -------------------------------------------------------------------
     def _response_loop(self) -> None:
         live: dict[str, _LiveRequest] = {}
@@ -229,11 +234,13 @@ class TritonPythonModel:
                     stopping = True
                 elif event[0] == "new":
                     live[event[1].request_id] = event[1]
-                else:
-                    state = live.get(event[1])
-                    if state is not None:  # None: already ended (cancelled)
-                        self._take_output(state, event[2], event[3])
-                        touched[state.request_id] = state
+                else:  # ("output", request id, output, time) or ("outputs", [output, ...], time)
+                    at = event[-1]
+                    for output in (event[1] if event[0] == "outputs" else (event[2],)):
+                        state = live.get(output.request_id)
+                        if state is not None:  # None: already ended (cancelled)
+                            self._take_output(state, output, at)
+                            touched[state.request_id] = state
             for state in touched.values():
                 try:
                     done = self._flush(state)
