@@ -60,7 +60,8 @@ GAUGES = {
 HISTOGRAMS = {
     "multilora_time_to_first_token_seconds": ("Time from request arrival to its first token.",
                                               TTFT_BUCKETS),
-    "multilora_inter_token_latency_seconds": ("Time between consecutive tokens of a request.",
+    "multilora_inter_token_latency_seconds": ("Mean time between the streamed tokens of a request, one "
+                                              "observation per streaming request.",
                                               INTER_TOKEN_BUCKETS),
 }
 
