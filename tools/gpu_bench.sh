@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU figures of docs/BENCHMARKS.md in two runs of the GPU machine (each well under 10 minutes);
+# results and logs under $OUT (the folder that comes back), tables on stdout.
+#
+#   tools/gpu_bench.sh engine    # GPU tests, a profiled decode step, bench/engine.py, bench/peers.py
+#   tools/gpu_bench.sh serving   # bench/serving.py (S1 through tritonserver and engine-direct); carry .whl
+#                                # (filled here by tools/gpu_triton_setup.sh pack)
+#
+# Each step has its own time limit, so one that hangs does not take the others' time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/multilora-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=.
+
+step() {  # step SECONDS NAME COMMAND...: run with a limit, keep the whole log, show its end
+    local limit=$1 name=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "   exit $?"
+    grep -v -e '^[IW][0-9]' -e 'Warning' -e '_warn_once' "$OUT/$name.log" | tail -n 40
+}
+
+case "${1:-}" in
+    engine)
+        step 100 gpu_tests python -m pytest -q -m gpu tests/kernels tests/fidelity/test_gpu_fp16.py -p no:cacheprovider
+        step 90 profile32 python tools/profile_step.py --batch 32
+        step 90 profile32_lora python tools/profile_step.py --batch 32 --lora mixed
+        step 200 engine python bench/engine.py --json "$OUT/bench_engine_h100.json"
+        step 150 peers python bench/peers.py --adapters 16 --json "$OUT/bench_peers_h100.json"
+        ;;
+    serving)
+        tools/gpu_triton_setup.sh install /tmp/multilora-venv > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
+        export MULTILORA_FAULTHANDLER="$OUT/stub_stacks.txt"
+        step 480 serving /tmp/multilora-venv/bin/python bench/serving.py --duration 30 --grace 8 --time-budget 440 \
+            --json "$OUT/bench_serving_h100.json" --server-log "$OUT/tritonserver.log"
+        gzip -f "$OUT/tritonserver.log"
+        ;;
+    *)
+        echo "usage: $0 engine|serving" >&2
+        exit 2
+        ;;
+esac
