@@ -30,12 +30,14 @@ class InputArena:
 
     One copy instead of one per input matters twice: each torch call of the engine thread lets
     go of the GIL, and getting it back from a busy response thread (the Triton model) can take a
-    switch interval. On CPU the host and device buffers are the same memory and nothing is copied.
+    switch interval. ``staged`` (default: on CUDA) keeps a separate host buffer; without it, on
+    CPU, the host views are the device memory and nothing is copied.
     """
 
     ALIGN = 64  # bytes; every input starts aligned
 
-    def __init__(self, specs: list[tuple[str, tuple[int, ...], torch.dtype]], device: torch.device) -> None:
+    def __init__(self, specs: list[tuple[str, tuple[int, ...], torch.dtype]], device: torch.device,
+                 staged: bool | None = None) -> None:
         layout, total = {}, 0
         for name, shape, dtype in specs:
             total = -(-total // self.ALIGN) * self.ALIGN
@@ -44,11 +46,12 @@ class InputArena:
             total += nbytes
         self.layout = layout
         self.device_bytes = torch.zeros(total, dtype=torch.uint8, device=device)
-        self.pinned = device.type == "cuda"
-        self.host_bytes = torch.zeros(total, dtype=torch.uint8, pin_memory=True) if self.pinned else self.device_bytes
+        self.staged = device.type == "cuda" if staged is None else staged
+        self.host_bytes = (torch.zeros(total, dtype=torch.uint8, pin_memory=device.type == "cuda") if self.staged
+                           else self.device_bytes)
         self.device = {n: self._view(self.device_bytes, n) for n in layout}
         self.host = {n: self._view(self.host_bytes, n).numpy() for n in layout}
-        self._copied = torch.cuda.Event() if self.pinned else None
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self._in_flight = False
 
     def _view(self, buffer: torch.Tensor, name: str) -> torch.Tensor:
@@ -68,10 +71,11 @@ class InputArena:
 
     def upload(self, num_bytes: int) -> None:
         """Send the first ``num_bytes`` of the host buffer, ordered before the step's replay."""
-        if self.pinned:
+        if self.staged:
             self.device_bytes[:num_bytes].copy_(self.host_bytes[:num_bytes], non_blocking=True)
-            self._copied.record()
-            self._in_flight = True
+            if self._copied is not None:
+                self._copied.record()
+                self._in_flight = True
 
 
 class DecodeGraphs:

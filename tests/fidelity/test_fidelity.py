@@ -1,4 +1,5 @@
 """Greedy outputs of the engine, token for token, against Hugging Face Transformers + PEFT (float32, CPU)."""
+import functools
 import random
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from engine import decode_graphs
 from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.llm_engine import LLMEngine
@@ -161,4 +163,18 @@ def test_static_decode_buffers_keep_outputs(model_set):
     _, expected = run_all(base, adapters, prompts, names, num_pages=256)
     static, got = run_all(base, adapters, prompts, names, num_pages=256, decode_graphs="static", max_num_seqs=16)
     assert static.engine.runner.graphs is not None and not static.engine.runner.graphs.capture
+    assert got == expected
+
+
+def test_staged_decode_inputs_keep_outputs(model_set, monkeypatch):
+    """The GPU path's staging of the decode inputs (a separate host buffer, one prefix copy a step:
+    the block tables last, only the step's rows) run on CPU: a missed input would change tokens."""
+    monkeypatch.setattr(decode_graphs, "InputArena", functools.partial(decode_graphs.InputArena, staged=True))
+    base, adapters = model_set
+    prompts = random_prompts(7, seed=9)
+    names = [None] + list(adapters) + [None]
+    _, expected = run_all(base, adapters, prompts, names, num_pages=256)
+    staged, got = run_all(base, adapters, prompts, names, num_pages=256, decode_graphs="static", max_num_seqs=16)
+    arena = staged.engine.runner.graphs.arena
+    assert arena.staged and arena.host_bytes.data_ptr() != arena.device_bytes.data_ptr()
     assert got == expected
