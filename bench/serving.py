@@ -447,7 +447,8 @@ def main() -> None:
                                                   "random weights)")
     ap.add_argument("--load-format", default=None, help="default: dummy when --model is not given")
     ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--max-num-seqs", type=int, default=128)
+    ap.add_argument("--max-num-seqs", type=int, default=256,
+                    help="20 req/s of S1 keeps about 180 requests running (Little's law at ~9 s each)")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="more engine overrides (JSON values), as multilora-serve's")
     ap.add_argument("--adapter-root", default=None, help="where adapters are written (default: a temp dir)")
