@@ -2,12 +2,12 @@
 
 A decode step of B sequences is padded to the next bucket: padding rows read and write only the
 pool's scratch page and use no adapter. Every per-step input (token ids, positions, KV slots,
-block tables, LoRA slots, page tables, ranks, offsets, scales) is written into an InputArena, whose
-device buffers' addresses never change, so one captured graph serves any mix of sequences and adapters. A
-bucket has a graph per set of projection groups that the step's adapters touch (none, attention
-only, all: captured at start; others when first needed), so a step runs no LoRA kernel of a
-group that no adapter of it has. With
-``capture=False`` the same buffers run eagerly: the CPU twin that tests the padding and tables.
+block tables, LoRA slots, page tables, ranks, offsets, scales) is written into an InputArena,
+whose device buffers never move, so one captured graph serves any mix of sequences and adapters.
+A bucket has a graph per set of projection groups that the step's adapters touch (none,
+attention only and all are captured at start, others when first needed), so a step launches no
+LoRA kernel for a group that none of its adapters has. With ``capture=False`` the same buffers
+run eagerly: the CPU twin that tests the padding and tables.
 """
 from __future__ import annotations
 
@@ -189,8 +189,8 @@ class DecodeGraphs:
     def capture_all(self) -> None:
         """Capture every bucket now, on the all-padding buffers (scratch page, no adapter).
 
-        Done once when the engine starts, before any request or adapter-loader thread exists: a
-        capture then never meets another thread's CUDA work, and no step pays for one."""
+        Done once when the engine starts, before any request or adapter-loader thread exists, for
+        the group sets most steps use; a step pays for a capture only for a set first seen."""
         if not self.capture:
             return
         for b in self.buckets:
