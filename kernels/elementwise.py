@@ -11,15 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.tiles import cdiv, next_pow2
-
-# silu_and_mul: columns of one row per program (norm and rotary programs take a whole row / head)
-SILU_BLOCK_N = 1024
-
-
-def _num_warps(block: int) -> int:
-    """Warps for a program over `block` elements: about 256 elements per warp, 1 to 16 warps."""
-    return min(16, max(1, block // 256))
+from kernels.tiles import SILU_BLOCK_N, cdiv, elementwise_warps, next_pow2
 
 
 def _check_rows(name: str, **tensors: torch.Tensor) -> None:
@@ -71,7 +63,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     _add_rms_norm_kernel[(num_tokens,)](
         x, residual if has_residual else x, weight, out, new_residual,
         x.stride(0), residual.stride(0) if has_residual else 0, out.stride(0), new_residual.stride(0), hidden, eps,
-        HAS_RESIDUAL=has_residual, BLOCK_H=block_h, num_warps=_num_warps(block_h),
+        HAS_RESIDUAL=has_residual, BLOCK_H=block_h, num_warps=elementwise_warps(block_h),
     )
     return out, new_residual
 
@@ -159,7 +151,7 @@ def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         qkv, cos, sin, slot_mapping, q, k_cache, v_cache,
         qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), *k_cache.stride(),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, BLOCK_SIZE=k_cache.shape[1],
-        HALF=half, BLOCK_HALF=block_half, num_warps=_num_warps(block_half),
+        HALF=half, BLOCK_HALF=block_half, num_warps=elementwise_warps(block_half),
     )
     return q
 
@@ -192,6 +184,6 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     block_n = min(SILU_BLOCK_N, next_pow2(inter))
     _silu_and_mul_kernel[(num_tokens, cdiv(inter, block_n))](
-        gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=_num_warps(block_n),
+        gate_up, out, inter, gate_up.stride(0), out.stride(0), BLOCK_N=block_n, num_warps=elementwise_warps(block_n),
     )
     return out

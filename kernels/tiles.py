@@ -59,6 +59,15 @@ class PrefillAttentionTiles:
     num_stages: int
 
 
+# silu_and_mul: columns of one row per program (norm and rotary programs take a whole row / head)
+SILU_BLOCK_N = 1024
+
+
+def elementwise_warps(block: int) -> int:
+    """Warps for an element-wise program over ``block`` elements: about 256 a warp, 1 to 16."""
+    return min(16, max(1, block // 256))
+
+
 def lora_block_m(num_tokens: int, on_gpu: bool = True) -> int:
     """Tokens per LoRA tile (tokens of one tile share an adapter). Decode-sized steps have few
     tokens per adapter, so small tiles; prefill-sized steps have long segments, so large ones."""

@@ -11,7 +11,8 @@ import torch
 
 from engine.rope import RotaryCache
 from kernels import reference
-from kernels.elementwise import SILU_BLOCK_N, fused_add_rms_norm, rotary_and_write_kv, silu_and_mul
+from kernels.elementwise import fused_add_rms_norm, rotary_and_write_kv, silu_and_mul
+from kernels.tiles import SILU_BLOCK_N
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
