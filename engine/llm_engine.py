@@ -220,7 +220,7 @@ class LLMEngine:
         s.num_pages_free = self.pages.num_free
         s.num_kv_blocks_used = self.pages.num_kv_pages
         s.num_adapter_pages_used = self.pages.num_adapter_pages
-        s.num_adapters_gpu = len(self.pages.resident_adapters())
+        s.num_adapters_gpu = self.pages.num_resident_adapters
         s.num_adapters_host = host.num_host
         s.adapter_loads_total, s.adapter_load_seconds_total = host.loads_total, host.load_seconds_total
         s.adapter_hits_total = self.scheduler.adapter_pool_hits

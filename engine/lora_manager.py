@@ -59,6 +59,7 @@ class LoRAManager:
         self._lock = threading.Lock()
         self._host: OrderedDict[str, PackedAdapter] = OrderedDict()  # LRU: least recent first
         self._refs: dict[str, int] = {}
+        self._host_bytes = 0  # of the adapters in self._host, kept as they come and go
         self.stats = AdapterStats()
 
     def resolve(self, name: str) -> str:
@@ -93,7 +94,7 @@ class LoRAManager:
                 packed = self._host[name]
                 self._host.move_to_end(name)
             else:
-                self._host[name] = packed
+                self._put(name, packed)
                 self.stats.loads_total += 1
                 self.stats.load_seconds_total += seconds
                 logger.info("[multilora] loaded LoRA adapter '%s' (%d pages) from disk in %.3f s",
@@ -107,7 +108,7 @@ class LoRAManager:
         check_adapter_name(name)
         with self._lock:
             self.known[name] = f"<memory:{name}>"
-            self._host[name] = packed
+            self._put(name, packed)
             self._shrink()
 
     def release(self, name: str) -> None:
@@ -132,15 +133,20 @@ class LoRAManager:
     def snapshot(self) -> AdapterStats:
         with self._lock:
             self.stats.num_host = len(self._host)
-            self.stats.host_bytes = sum(p.num_bytes for p in self._host.values())
+            self.stats.host_bytes = self._host_bytes
             return AdapterStats(**vars(self.stats))
+
+    def _put(self, name: str, packed: PackedAdapter) -> None:
+        # caller holds the lock
+        old = self._host.pop(name, None)
+        self._host_bytes += packed.num_bytes - (old.num_bytes if old is not None else 0)
+        self._host[name] = packed
 
     def _shrink(self) -> None:
         # caller holds the lock: drop unreferenced adapters, least recent first, until within budget
-        total = sum(p.num_bytes for p in self._host.values())
         for name in list(self._host):
-            if total <= self.max_host_bytes:
+            if self._host_bytes <= self.max_host_bytes:
                 return
             if not self._refs.get(name):
-                total -= self._host.pop(name).num_bytes
+                self._host_bytes -= self._host.pop(name).num_bytes
                 self.stats.host_evictions_total += 1

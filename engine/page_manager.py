@@ -21,6 +21,8 @@ class PageManager:
         self._adapters: OrderedDict[str, list[int]] = OrderedDict()  # LRU: least recent first
         self._pins: dict[str, int] = {}
         self.num_adapter_evictions = 0
+        self._num_kv_pages = 0  # kept as pages move: the engine reads the counts every step
+        self._num_adapter_pages = 0
 
     # --- counts ---------------------------------------------------------------------------------
     @property
@@ -33,11 +35,15 @@ class PageManager:
 
     @property
     def num_kv_pages(self) -> int:
-        return sum(len(t) for t in self._seq_tables.values())
+        return self._num_kv_pages
 
     @property
     def num_adapter_pages(self) -> int:
-        return sum(len(p) for p in self._adapters.values())
+        return self._num_adapter_pages
+
+    @property
+    def num_resident_adapters(self) -> int:
+        return len(self._adapters)
 
     def num_evictable_pages(self) -> int:
         return sum(len(p) for name, p in self._adapters.items() if not self._pins.get(name))
@@ -60,6 +66,7 @@ class PageManager:
             raise MemoryError(f"need {extra} pages, {self.num_free} free")
         table = self._seq_tables.setdefault(seq_id, [])
         table.extend(self._free.pop() for _ in range(extra))
+        self._num_kv_pages += extra
         return table
 
     def free_seq(self, seq_id: str) -> None:
@@ -67,6 +74,7 @@ class PageManager:
         table = self._seq_tables.pop(seq_id, None)
         if table:
             self._free.extend(reversed(table))
+            self._num_kv_pages -= len(table)
 
     # --- adapters -------------------------------------------------------------------------------
     def is_resident(self, name: str) -> bool:
@@ -102,6 +110,7 @@ class PageManager:
             return None
         pages = [self._free.pop() for _ in range(num_pages)]
         self._adapters[name] = pages
+        self._num_adapter_pages += num_pages
         return pages
 
     def touch(self, name: str) -> None:
@@ -125,6 +134,7 @@ class PageManager:
         assert not self._pins.get(name), f"adapter {name!r} is in use and cannot be evicted"
         pages = self._adapters.pop(name)
         self._free.extend(reversed(pages))
+        self._num_adapter_pages -= len(pages)
         self.num_adapter_evictions += 1
 
     def check_invariants(self) -> None:
@@ -133,3 +143,5 @@ class PageManager:
         everything = owned + self._free
         assert len(everything) == len(set(everything)) == self.num_pages, "pages lost or double-owned"
         assert all(name in self._adapters for name in self._pins), "a pinned adapter is not resident"
+        assert self._num_kv_pages == sum(len(t) for t in self._seq_tables.values()), "KV page count drifted"
+        assert self._num_adapter_pages == sum(len(p) for p in self._adapters.values()), "adapter page count drifted"

@@ -130,7 +130,7 @@ def test_manager_resolves_roots_refcounts_and_evicts(tmp_path, base_and_adapter)
     mgr.release("y")
     mgr.acquire("z")  # over budget: evicts y (unreferenced), never x (held)
     stats = mgr.snapshot()
-    assert stats.host_evictions_total == 1 and stats.num_host == 2
+    assert stats.host_evictions_total == 1 and stats.num_host == 2 and stats.host_bytes == 2 * one
     assert mgr.acquire("x") is x and mgr.snapshot().host_hits_total == 1
 
 
