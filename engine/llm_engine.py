@@ -188,13 +188,12 @@ class LLMEngine:
 
     def _prefetch(self) -> None:
         """Start copying the adapters of waiting requests into free pool pages (side stream on CUDA)."""
-        waiting = {seq.lora.name: seq.lora for seq in self.scheduler.waiting if seq.lora is not None}
-        for name, pages in self.scheduler.plan_prefetch():
-            handle = self.runner.load_adapter(waiting[name], pages, prefetch=True)
+        for lora, pages in self.scheduler.plan_prefetch():
+            handle = self.runner.load_adapter(lora, pages, prefetch=True)
             if handle is None:
-                self.scheduler.finish_loading(name)
+                self.scheduler.finish_loading(lora.name)
             else:
-                self._inflight[name] = handle
+                self._inflight[lora.name] = handle
 
     def _poll_prefetches(self) -> None:
         for name, (event, _staging) in list(self._inflight.items()):

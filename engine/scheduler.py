@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
+from typing import TYPE_CHECKING
 
 from engine.page_manager import PageManager
 from engine.sequence import Sequence, Status
+
+if TYPE_CHECKING:
+    from engine.adapters import PackedAdapter
 
 
 @dataclass
@@ -112,12 +117,12 @@ class Scheduler:
             budget -= num_new
         return plan
 
-    def plan_prefetch(self, lookahead: int = 32) -> list[tuple[str, list[int]]]:
+    def plan_prefetch(self, lookahead: int = 32) -> list[tuple[PackedAdapter, list[int]]]:
         """Pages for the adapters of the next waiting requests that are not resident, taken only
         from free pages (never by eviction), leaving one free page per running sequence for its
         next KV block. Each stays pinned until ``finish_loading``."""
         loads = []
-        for seq in list(self.waiting)[:lookahead]:
+        for seq in list(islice(self.waiting, lookahead)):
             lora = seq.lora
             if lora is None or self.pages.is_resident(lora.name):
                 continue
@@ -127,7 +132,7 @@ class Scheduler:
             self.pages.pin(lora.name)
             self.loading.add(lora.name)
             self.adapter_prefetches += 1
-            loads.append((lora.name, pages))
+            loads.append((lora, pages))
         return loads
 
     def finish_loading(self, name: str) -> None:
