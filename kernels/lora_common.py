@@ -52,6 +52,20 @@ def row_offsets(in_page, first_base, second_base, col0, layer_offset,
     return offsets
 
 
+@triton.jit
+def piece_offsets(in_page, first, second, page_table_ptr, num_pages, row_start, row_mask, page_stride, col0,
+                  layer_offset, PAGE: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
+                  ROW_IN_TWO_PAGES: tl.constexpr):
+    """Pool offsets [ROWS, BLOCK] of columns col0 .. col0+BLOCK-1: from the rows' pages gathered
+    once (in_page, first, second of row_pages) when whole rows fit a page's length, else from
+    the pages of this piece, gathered here."""
+    if ROW_IN_TWO_PAGES:
+        return row_offsets(in_page, first, second, col0, layer_offset, PAGE, BLOCK, VEC)
+    piece_in_page, piece_first, piece_second = row_pages(page_table_ptr, num_pages, row_start + col0, BLOCK,
+                                                         row_mask, page_stride, PAGE)
+    return row_offsets(piece_in_page, piece_first, piece_second, 0, layer_offset, PAGE, BLOCK, VEC)
+
+
 def vec_width(*sizes: int) -> int:
     """Largest power of two <= MAX_VEC dividing every size (row lengths, page size)."""
     g = MAX_VEC

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels import tiles
-from kernels.lora_common import check_lora_args, row_offsets, row_pages, vec_width
+from kernels.lora_common import check_lora_args, piece_offsets, row_pages, vec_width
 from kernels.lora_meta import LoRAStepMeta
 
 # projections per launch; the launcher splits larger groups
@@ -26,6 +26,8 @@ def _expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_page
                    DOT_PRECISION: tl.constexpr):
     if ROW_IN_TWO_PAGES:  # page ids once per B^T row; the loop's loads then depend on no other load
         in_page, first, second = row_pages(page_table_ptr, num_pages, row_start, n_size, r_mask, page_stride, PAGE)
+    else:  # gathered per piece in the loop (piece_offsets)
+        in_page, first, second = row_start, row_start, row_start
     cols = tl.arange(0, BLOCK_N)
     y_row_ptrs = y_ptr + y_rows[:, None]  # [BLOCK_M, 1]
     # y is read one step ahead (the pipeliner stages only the dot's operands), so its latency overlaps
@@ -38,12 +40,8 @@ def _expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_page
         next_n = offs_n + BLOCK_N
         next_mask = (next_n < n_size) & (next_n < n_hi)  # n_hi is a multiple of BLOCK_N from n_lo, or n_size
         y_next = tl.load(y_row_ptrs + next_n[None, :], mask=m_mask[:, None] & next_mask[None, :], other=0.0)
-        if ROW_IN_TWO_PAGES:
-            b_offs = row_offsets(in_page, first, second, n0, layer_offset, PAGE, BLOCK_N, VEC)
-        else:
-            piece_in_page, piece_first, piece_second = row_pages(page_table_ptr, num_pages, row_start + n0, BLOCK_N,
-                                                                 r_mask, page_stride, PAGE)
-            b_offs = row_offsets(piece_in_page, piece_first, piece_second, 0, layer_offset, PAGE, BLOCK_N, VEC)
+        b_offs = piece_offsets(in_page, first, second, page_table_ptr, num_pages, row_start, r_mask, page_stride,
+                               n0, layer_offset, PAGE, BLOCK_N, VEC, ROW_IN_TWO_PAGES)
         b = tl.load(pool_ptr + b_offs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
         acc = tl.dot(zt, b, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         tl.store(y_row_ptrs + offs_n[None, :], (y.to(tl.float32) + acc * scale).to(y.dtype),

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels import tiles
-from kernels.lora_common import check_lora_args, row_offsets, row_pages, vec_width
+from kernels.lora_common import check_lora_args, piece_offsets, row_pages, vec_width
 from kernels.lora_meta import LoRAStepMeta
 
 
@@ -22,17 +22,15 @@ def _shrink_k_loop(acc, x_ptr, pool_ptr, tok, m_mask, x_stride_t, page_table_ptr
                    DOT_PRECISION: tl.constexpr):
     if ROW_IN_TWO_PAGES:  # page ids once per A row; the loop's loads then depend on no other load
         in_page, first, second = row_pages(page_table_ptr, num_pages, row_start, K, row_mask, page_stride, PAGE)
+    else:  # gathered per piece in the loop (piece_offsets)
+        in_page, first, second = row_start, row_start, row_start
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         x = tl.load(x_ptr + tok[:, None] * x_stride_t + offs_k[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        if ROW_IN_TWO_PAGES:
-            a_offs = row_offsets(in_page, first, second, k0, layer_offset, PAGE, BLOCK_K, VEC)
-        else:
-            piece_in_page, piece_first, piece_second = row_pages(page_table_ptr, num_pages, row_start + k0, BLOCK_K,
-                                                                 row_mask, page_stride, PAGE)
-            a_offs = row_offsets(piece_in_page, piece_first, piece_second, 0, layer_offset, PAGE, BLOCK_K, VEC)
+        a_offs = piece_offsets(in_page, first, second, page_table_ptr, num_pages, row_start, row_mask, page_stride,
+                               k0, layer_offset, PAGE, BLOCK_K, VEC, ROW_IN_TWO_PAGES)
         a = tl.load(pool_ptr + a_offs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
         acc += tl.dot(x, tl.trans(a), input_precision=DOT_PRECISION)
     return acc
