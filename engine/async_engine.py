@@ -183,7 +183,8 @@ class AsyncEngine:
     def _emit(self, outputs: list[RequestOutput]) -> None:
         delivered, callbacks = [], []
         for out in outputs:
-            callback = self._callbacks.pop(out.request_id, None) if out.finished else self._callbacks.get(out.request_id)
+            callback = (self._callbacks.pop(out.request_id, None) if out.finished
+                        else self._callbacks.get(out.request_id))
             if callback is not None:  # None: the request ended already (e.g. aborted)
                 delivered.append(out)
                 callbacks.append(callback)

@@ -9,11 +9,14 @@ other load and pipeline; otherwise it happens per BLOCK-long piece of the row, i
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.lora_meta import LoRAStepMeta
 
 # widest vector (in elements) we promise the compiler; 8 x fp16 = 16 bytes
 MAX_VEC = 8
@@ -64,6 +67,20 @@ def piece_offsets(in_page, first, second, page_table_ptr, num_pages, row_start, 
     piece_in_page, piece_first, piece_second = row_pages(page_table_ptr, num_pages, row_start + col0, BLOCK,
                                                          row_mask, page_stride, PAGE)
     return row_offsets(piece_in_page, piece_first, piece_second, 0, layer_offset, PAGE, BLOCK, VEC)
+
+
+def step_meta(meta: LoRAStepMeta | None, token_slots: torch.Tensor, num_slots: int) -> LoRAStepMeta:
+    """The step's LoRAStepMeta (built here if the caller has none), checked against its tables."""
+    if meta is None:
+        meta = LoRAStepMeta.build(token_slots, num_slots)
+    meta.check(token_slots, num_slots)
+    return meta
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter's tiles ignore it)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def vec_width(*sizes: int) -> int:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from kernels import tiles
-from kernels.lora_common import check_lora_args, piece_offsets, row_pages, vec_width
+from kernels.lora_common import check_lora_args, piece_offsets, row_pages, sm_count, step_meta, vec_width
 from kernels.lora_meta import LoRAStepMeta
 
 # projections per launch; the launcher splits larger groups
@@ -142,12 +142,10 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
         return
     page_size = pool.shape[2]
     on_gpu = pool.device.type == "cuda"
-    if meta is None:
-        meta = LoRAStepMeta.build(token_slots, num_slots)
-    meta.check(token_slots, num_slots)
+    meta = step_meta(meta, token_slots, num_slots)
     if config is None:
-        num_sms = torch.cuda.get_device_properties(pool.device).multi_processor_count if on_gpu else 1
-        config = tiles.expand_tiles(meta.max_tiles, max(out_sizes), num_proj, page_size, meta.block_m, num_sms, on_gpu)
+        config = tiles.expand_tiles(meta.max_tiles, max(out_sizes), num_proj, page_size, meta.block_m,
+                                    sm_count(pool.device), on_gpu)
     block_r = tiles.expand_block_r(r_max)
     row_in_two_pages = max(out_sizes) <= page_size
     if not row_in_two_pages and config.block_n > page_size:

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from kernels import tiles
-from kernels.lora_common import check_lora_args, piece_offsets, row_pages, vec_width
+from kernels.lora_common import check_lora_args, piece_offsets, row_pages, sm_count, step_meta, vec_width
 from kernels.lora_meta import LoRAStepMeta
 
 
@@ -125,12 +125,10 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     num_proj, r_max = z.shape[1], z.shape[2]
     page_size = pool.shape[2]
     on_gpu = pool.device.type == "cuda"
-    if meta is None:
-        meta = LoRAStepMeta.build(token_slots, num_slots)
-    meta.check(token_slots, num_slots)
+    meta = step_meta(meta, token_slots, num_slots)
     if config is None:
-        num_sms = torch.cuda.get_device_properties(pool.device).multi_processor_count if on_gpu else 1
-        config = tiles.shrink_tiles(meta.max_tiles, k, r_max, num_proj, page_size, meta.block_m, num_sms, on_gpu)
+        config = tiles.shrink_tiles(meta.max_tiles, k, r_max, num_proj, page_size, meta.block_m,
+                                    sm_count(pool.device), on_gpu)
     row_in_two_pages = k <= page_size
     if not row_in_two_pages and config.block_k > page_size:
         raise ValueError(f"lora_shrink: block_k {config.block_k} exceeds the page size {page_size} (rows of "
