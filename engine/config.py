@@ -143,6 +143,10 @@ class EngineConfig:
     # decode steps as CUDA graphs per batch bucket: auto (on CUDA with the kernels), off, or
     # static (the same static buffers run eagerly: the CPU twin, for tests and debugging)
     decode_graphs: str = "auto"
+    # Schedule and launch step N+1 before the tokens of step N reach the host: its decode inputs
+    # are taken from step N's sampled tokens on the device, and the host work of each step
+    # (scheduling, tables, detokenizing, responses) overlaps the GPU's work on the next one.
+    async_scheduling: bool = True
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048

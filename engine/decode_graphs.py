@@ -91,7 +91,7 @@ class DecodeGraphs:
         self.scratch_page = runner.num_pages  # the pool's last page belongs to no one
         max_blocks = -(-max_model_len // bs)
         i32, i64, f32 = torch.int32, torch.int64, torch.float32
-        specs = [("input_ids", (size,), i64), ("positions", (size,), i64), ("slot_mapping", (size,), i64),
+        specs = [("input_ids", (size,), i64), ("feed_rows", (size,), i64), ("positions", (size,), i64), ("slot_mapping", (size,), i64),
                  ("seq_lens", (size,), i32), ("token_slots", (size,), i32),
                  ("page_tables", (size, max(1, max_adapter_pages)), i32)]
         for group, modules in GROUPS.items():
@@ -102,6 +102,7 @@ class DecodeGraphs:
         self.arena = InputArena(specs, dev)
         host = self.arena.host
         host["slot_mapping"][:] = self.scratch_page * bs
+        host["feed_rows"][:] = -1
         host["seq_lens"][:] = 1
         host["token_slots"][:] = -1
         host["block_tables"][:] = self.scratch_page
@@ -115,15 +116,21 @@ class DecodeGraphs:
     def bucket(self, num_seqs: int) -> int | None:
         return next((b for b in self.buckets if b >= num_seqs), None)
 
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
-            tables: list[list[int]], token_adapters: list[str | None], adapters, adapter_pages) -> torch.Tensor:
-        """Logits [n, V] of a decode step of n sequences (one new token each)."""
+    def run(self, input_ids: list[int], feeds: list[tuple[int, int]], positions: list[int], slots: list[int],
+            seq_lens: list[int], tables: list[list[int]], token_adapters: list[str | None], adapters,
+            adapter_pages) -> torch.Tensor:
+        """Logits [n, V] of a decode step of n sequences (one new token each); ``feeds``: (row, row of
+        the runner's token_buf) for the rows whose token is still on the device."""
         n = len(input_ids)
         b = self.bucket(n)
         self.arena.wait()
         host = self.arena.host
         host["input_ids"][:n] = input_ids
         host["input_ids"][n:b] = 0
+        feed_rows = host["feed_rows"]
+        feed_rows[:b] = -1
+        for row, src in feeds:
+            feed_rows[row] = src
         host["positions"][:n] = positions
         host["positions"][n:b] = 0
         host["slot_mapping"][:n] = slots
@@ -183,8 +190,9 @@ class DecodeGraphs:
             batch = LoRABatch(runner.ops, dev["token_slots"][:b], dev["page_tables"][:b], groups)
         else:
             batch = LoRABatch(runner.ops, None, None, {})
-        return runner.model.forward(dev["input_ids"][:b], attn, batch, runner.pool, runner.kv_caches,
-                                    self.logits_indices[:b])
+        feed = dev["feed_rows"][:b]
+        ids = torch.where(feed >= 0, runner.token_buf[feed.clamp(min=0)], dev["input_ids"][:b])
+        return runner.model.forward(ids, attn, batch, runner.pool, runner.kv_caches, self.logits_indices[:b])
 
     def capture_all(self) -> None:
         """Capture every bucket now, on the all-padding buffers (scratch page, no adapter).

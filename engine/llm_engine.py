@@ -15,7 +15,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.errors import EngineOverloadedError, InvalidRequestError
 from engine.lora_manager import LoRAManager
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, SampledTokens
 from engine.page_manager import PageManager
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -47,6 +47,10 @@ class EngineStats:
     steps_total: int = 0
 
 
+class _Launched:
+    """A launched step in which no sequence samples (prefill chunks only)."""
+
+
 class LLMEngine:
     """Continuous-batching multi-LoRA engine.
 
@@ -72,7 +76,8 @@ class LLMEngine:
                                 pin_memory=self.runner.device.type == "cuda")
         self.eos_token_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
-        self._inflight: dict[str, tuple] = {}  # adapter prefetches in flight: name -> (event, staging)
+        self._prefetching: dict[str, tuple] = {}  # adapter prefetches in flight: name -> (event, staging)
+        self._in_flight: SampledTokens | _Launched | None = None  # a launched step not yet collected
         self.stats = EngineStats(num_pages_total=self.runner.num_pages)
 
     def _eos_ids(self) -> tuple[int, ...]:
@@ -150,23 +155,39 @@ class LLMEngine:
         return self._delta(seq, flush=True)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._in_flight is not None or self.scheduler.has_work()
 
     # --- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step; returns the deltas of one step's tokens.
+
+        With ``async_scheduling`` the step after is scheduled and launched before this one's
+        tokens are read back, so the device always has the next step queued while the host
+        detokenizes and answers: each call launches one step and returns the deltas of the one
+        before (the first call launches two). A sequence that ends at step N (EOS, a stop
+        string, an abort) may already be in step N+1: that token is dropped.
+        """
         self._poll_prefetches()
+        if self._in_flight is None:
+            self._in_flight = self._launch()
+            if self._in_flight is None:
+                self._prefetch()
+                return []
+        following = self._launch() if self.config.async_scheduling else None
+        self._prefetch()
+        done, self._in_flight = self._in_flight, following
+        return self._collect(done)
+
+    def _launch(self) -> SampledTokens | _Launched | None:
+        """Schedule a step and queue its work on the device; None if there is nothing to run."""
         plan = self.scheduler.schedule()
         if not plan.batch:
-            self._prefetch()
-            return []
+            return None
         adapters = {item.seq.lora.name: item.seq.lora for item in plan.batch if item.seq.lora is not None}
         for name, pages in plan.adapter_loads:
             self.runner.load_adapter(adapters[name], pages)
         sampled = self.runner.run(plan, self.pages, adapters, self.eos_token_ids)
-        self._prefetch()
-        now = time.monotonic()
-        outputs: list[RequestOutput] = []
-        tokens = iter(sampled)
+        row = 0
         for item in plan.batch:
             seq = item.seq
             if seq.num_computed_tokens < seq.num_prompt_tokens:
@@ -174,16 +195,31 @@ class LLMEngine:
                                                       seq.num_prompt_tokens - seq.num_computed_tokens)
             samples = item.samples
             seq.num_computed_tokens += item.num_new_tokens
-            if not samples:
+            if samples:
+                seq.num_pending += 1
+                seq.pending_row = row
+                row += 1
+        self.stats.steps_total += 1
+        return sampled if sampled is not None else _Launched()
+
+    def _collect(self, launched: SampledTokens | _Launched) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and turn them into deltas."""
+        if isinstance(launched, _Launched):
+            return []
+        tokens = launched.get()
+        now = time.monotonic()
+        outputs: list[RequestOutput] = []
+        for seq, token in zip(launched.seqs, tokens):
+            seq.num_pending -= 1
+            if seq.is_finished:  # ended (or aborted) while this step ran
                 continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            self._append_token(seq, next(tokens))
+            self._append_token(seq, token)
             self.stats.generation_tokens_total += 1
             if seq.is_finished:
                 self._finish(seq)
             outputs.append(self._delta(seq, flush=seq.is_finished))
-        self.stats.steps_total += 1
         return outputs
 
     def _prefetch(self) -> None:
@@ -193,17 +229,18 @@ class LLMEngine:
             if handle is None:
                 self.scheduler.finish_loading(lora.name)
             else:
-                self._inflight[lora.name] = handle
+                self._prefetching[lora.name] = handle
 
     def _poll_prefetches(self) -> None:
-        for name, (event, _staging) in list(self._inflight.items()):
+        for name, (event, _staging) in list(self._prefetching.items()):
             if event.query():
-                del self._inflight[name]
+                del self._prefetching[name]
                 self.scheduler.finish_loading(name)
 
     def fail_all(self, error: Exception) -> list[RequestOutput]:
         """End every live request with ``error`` (after an unexpected failure of a step)."""
         outputs = []
+        self._in_flight = None
         for seq in list(self.seqs.values()):
             seq.finish_reason = "error"
             self._finish(seq)
@@ -244,7 +281,8 @@ class LLMEngine:
             if at != -1:
                 seq.output_text = seq.output_text[:at]
                 seq.finish_reason = "stop"
-        if seq.finish_reason is None and (num_out >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+        if seq.finish_reason is None and (num_out >= p.max_tokens
+                                          or seq.num_prompt_tokens + num_out >= self.max_model_len):
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             seq.status = Status.FINISHED

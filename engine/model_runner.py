@@ -19,6 +19,30 @@ from engine.scheduler import StepPlan
 
 logger = logging.getLogger("multilora")
 
+
+class SampledTokens:
+    """The tokens of one launched step, on their way to the host.
+
+    On CUDA they are copied into a pinned buffer behind an event, so launching the step does not
+    wait for it; ``get`` does. ``seqs``: the sequences that sampled, in row order.
+    """
+
+    def __init__(self, seqs: list, tokens: torch.Tensor, host: torch.Tensor | None) -> None:
+        self.seqs = seqs
+        self._event = None
+        if host is None:
+            self._host = tokens
+        else:
+            self._host = host[:tokens.shape[0]]
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def get(self) -> list[int]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_DEFAULT_POOL_BYTES = 256 << 20
 
@@ -53,6 +77,13 @@ class ModelRunner:
         self.kv_caches = self._kv_views(self.pool)
         self.out_sizes = {m: n_out for m, (_, n_out) in c.projection_shapes().items()}
         self.copy_stream = None  # side stream for adapter prefetch, made on first use
+        # the latest step's sampled tokens on the device: the next step reads its pending tokens
+        # (async scheduling) from here, by row; pinned host buffers for two steps in flight
+        max_rows = max(config.max_num_seqs, 512)
+        self.token_buf = torch.zeros(max_rows, dtype=torch.int64, device=self.device)
+        self._host_tokens = ([torch.zeros(max_rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+                             if self.device.type == "cuda" else None)
+        self._num_launched = 0
         self.graphs = self._decode_graphs(max_model_len)
         if self.graphs is not None:
             self.graphs.capture_all()
@@ -152,9 +183,13 @@ class ModelRunner:
         return event, staging
 
     def run(self, plan: StepPlan, pages: PageManager, adapters: dict[str, PackedAdapter],
-            eos_token_ids: tuple[int, ...]) -> list[int]:
-        """Run one step; returns the sampled token of each sequence that samples, in batch order."""
+            eos_token_ids: tuple[int, ...]) -> SampledTokens | None:
+        """Launch one step; returns the tokens of the sequences that sample (None if none does).
+
+        A token that is still pending (sampled by the previous step, not on the host yet) is read
+        from ``token_buf`` on the device, at the row the sequence's ``pending_row`` names."""
         input_ids: list[int] = []
+        feeds: list[tuple[int, int]] = []  # (token index in this step, row in token_buf)
         positions: list[int] = []
         slots: list[int] = []
         token_adapters: list[str | None] = []
@@ -168,7 +203,11 @@ class ModelRunner:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             table = pages.table(seq.request_id)
-            input_ids.extend(seq.all_token_ids[start:start + n])
+            known = seq.all_token_ids[start:start + n]
+            if len(known) < n:  # the last one is pending
+                feeds.append((len(input_ids) + len(known), seq.pending_row))
+                known.append(0)
+            input_ids.extend(known)
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             token_adapters.extend([seq.lora.name if seq.lora is not None else None] * n)
@@ -183,13 +222,25 @@ class ModelRunner:
         adapter_pages = {n: pages.adapter_pages(n) for n in in_step}
         if self.graphs is not None and len(input_ids) == len(plan.batch) and self.graphs.bucket(len(input_ids)):
             # a decode step: one new token per sequence
-            logits = self.graphs.run(input_ids, positions, slots, seq_lens, tables, token_adapters, in_step,
+            logits = self.graphs.run(input_ids, feeds, positions, slots, seq_lens, tables, token_adapters, in_step,
                                      adapter_pages)
-            rows = [i for i, item in enumerate(plan.batch) if item.samples]
-            if not sampling_seqs:
-                return []
-            logits = logits if len(rows) == len(plan.batch) else logits[torch.tensor(rows, device=dev)]
-            return sample(logits, sampling_seqs, eos_token_ids, self.generator)
+            if len(sampling_seqs) != len(plan.batch):
+                rows = [i for i, item in enumerate(plan.batch) if item.samples]
+                logits = logits[torch.tensor(rows, device=dev)] if rows else logits[:0]
+        else:
+            logits = self._forward_eager(plan, input_ids, feeds, positions, slots, query_start, seq_lens, tables,
+                                         token_adapters, in_step, adapter_pages, logits_indices)
+        if not sampling_seqs:
+            return None
+        tokens = sample(logits, sampling_seqs, eos_token_ids, self.generator)
+        self.token_buf[:tokens.shape[0]].copy_(tokens)
+        host = None if self._host_tokens is None else self._host_tokens[self._num_launched % 2]
+        self._num_launched += 1
+        return SampledTokens(sampling_seqs, tokens, host)
+
+    def _forward_eager(self, plan: StepPlan, input_ids, feeds, positions, slots, query_start, seq_lens, tables,
+                       token_adapters, in_step, adapter_pages, logits_indices) -> torch.Tensor:
+        dev = self.device
         max_blocks = max(len(t) for t in tables)
         attn = AttentionMetadata(
             positions=torch.tensor(positions, dtype=torch.int64, device=dev),
@@ -202,8 +253,9 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
         )
         lora = LoRABatch.build(self.ops, token_adapters, in_step, adapter_pages, self.out_sizes, dev)
-        logits = self.model.forward(torch.tensor(input_ids, dtype=torch.int64, device=dev), attn, lora, self.pool,
-                                    self.kv_caches, torch.tensor(logits_indices, dtype=torch.int64, device=dev))
-        if not sampling_seqs:
-            return []
-        return sample(logits, sampling_seqs, eos_token_ids, self.generator)
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        if feeds:
+            dst, src = zip(*feeds)
+            ids[torch.tensor(dst, device=dev)] = self.token_buf[torch.tensor(src, device=dev)]
+        return self.model.forward(ids, attn, lora, self.pool, self.kv_caches,
+                                  torch.tensor(logits_indices, dtype=torch.int64, device=dev))

@@ -7,8 +7,9 @@ from engine.sequence import Sequence
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...],
-           default_generator: torch.Generator) -> list[int]:
-    """logits: [N, V] float32, one row per sequence that samples this step -> N token ids.
+           default_generator: torch.Generator) -> torch.Tensor:
+    """logits: [N, V] float32, one row per sequence that samples this step -> [N] int64 token ids,
+    on the logits' device; nothing here waits for the device.
 
     Each seeded request draws from its own generator, so its tokens do not depend on what
     else shares the batch. Before min_tokens are out, EOS and stop_token_ids are masked.
@@ -16,13 +17,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int,
     cloned = False
     for row, seq in enumerate(seqs):
         p = seq.params
-        if len(seq.output_token_ids) < p.min_tokens:
+        if seq.num_output_tokens < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
             if banned:
                 if not cloned:  # the caller's logits stay as they are (a graph's output buffer)
                     logits, cloned = logits.clone(), True
                 logits[row, banned] = float("-inf")
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens = logits.argmax(dim=-1)
     for row, seq in enumerate(seqs):
         p = seq.params
         if p.is_greedy:
@@ -33,7 +34,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int,
 
 
 def _sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator) -> int:
+                generator: torch.Generator) -> torch.Tensor:
     # logits: [V]
     logits = logits / temperature
     if top_k > 0 and top_k < logits.shape[0]:
@@ -49,4 +50,4 @@ def _sample_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         probs = probs / probs.sum()
     # Gumbel-style draw: a fixed number of random numbers per step, whatever the distribution
     noise = torch.empty_like(probs).exponential_(generator=generator)
-    return int((probs / noise).argmax())
+    return (probs / noise).argmax()

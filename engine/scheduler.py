@@ -75,6 +75,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.last_token_pending:
+                i += 1  # finishes when that token arrives
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.pages.reserve(self.pages.extra_blocks(seq.request_id, seq.num_computed_tokens + num_new)):
                 victim = self.running[-1]

@@ -28,6 +28,10 @@ class Sequence:
     status: Status = Status.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    # tokens sampled by a launched step that have not reached the host yet (async scheduling), and
+    # the row of the latest one in that step's sampled tokens on the device
+    num_pending: int = 0
+    pending_row: int = -1
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     arrival_time: float = field(default_factory=time.monotonic)
@@ -40,11 +44,23 @@ class Sequence:
 
     @property
     def all_token_ids(self) -> list[int]:
+        """The tokens known on the host (pending ones excluded)."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Tokens of the sequence, pending ones included: what the scheduler plans with."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + self.num_pending
+
+    @property
+    def last_token_pending(self) -> bool:
+        """Its final token (max_tokens) is already in flight: nothing is left to compute."""
+        return self.num_pending > 0 and self.params.max_tokens is not None \
+            and self.num_output_tokens >= self.params.max_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -25,9 +25,10 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, keep the whole log, 
 case "${1:-}" in
     engine)
         step 100 gpu_tests python -m pytest -q -m gpu tests/kernels tests/fidelity/test_gpu_fp16.py -p no:cacheprovider
+        step 60 gpu_async_tests python -m pytest -q tests/unit/test_async_scheduling.py -p no:cacheprovider
         step 90 profile32 python tools/profile_step.py --batch 32
         step 90 profile32_lora python tools/profile_step.py --batch 32 --lora mixed
-        step 200 engine python bench/engine.py --json "$OUT/bench_engine_h100.json"
+        step 330 engine python bench/engine.py --json "$OUT/bench_engine_h100.json"
         step 150 peers python bench/peers.py --adapters 16 --json "$OUT/bench_peers_h100.json"
         ;;
     serving)
