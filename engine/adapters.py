@@ -99,7 +99,9 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int) -
     for (layer, module), pair in sorted(raw.items()):
         if set(pair) != {"A", "B"}:
             raise fail(f"layer {layer} {module}: lora_A and lora_B must both be present")
-        a, b = pair["A"].float(), pair["B"].float()
+        a, b = pair["A"], pair["B"]  # as stored; converted once, when packed
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise fail(f"layer {layer} {module}: lora_A / lora_B must be floating point, not {a.dtype} / {b.dtype}")
         n_in, n_out = shapes[module]
         rank = a.shape[0]
         if rank < 1:
@@ -173,18 +175,39 @@ def pack_adapter(adapter: LoRAAdapter, model: ModelConfig, page_size: int, dtype
         offset += ranks[m] * n_out
     num_pages = max(1, -(-offset // page_size))
     data = torch.zeros(model.num_layers, num_pages * page_size, dtype=dtype, pin_memory=pin_memory)
-    for layer, modules in enumerate(adapter.weights):
-        for m, (a, b, scale) in modules.items():
-            r = a.shape[0]
-            n_in, n_out = shapes[m]
-            if scale != scales[m]:  # a layer-specific alpha: fold the ratio into B
-                b = b * (scale / scales[m])
-            a_off, b_off = a_offsets[m], b_offsets[m]
-            data[layer, a_off:a_off + r * n_in] = a.reshape(-1).to(dtype)
-            data[layer, b_off:b_off + r * n_out] = b.t().reshape(-1).to(dtype)
+    for m, r in ranks.items():
+        if r:
+            _pack_module(data, adapter.weights, m, r, shapes[m], a_offsets[m], b_offsets[m], scales[m])
     if not _all_finite(data):
         raise AdapterLoadError(f"LoRA adapter '{adapter.name}' ({adapter.path}): {_non_finite(adapter, dtype)}")
     return PackedAdapter(adapter.name, data, num_pages, ranks, a_offsets, b_offsets, scales)
+
+
+def _pack_module(data: torch.Tensor, weights: list[dict], module: str, rank: int, shape: tuple[int, int],
+                 a_off: int, b_off: int, scale: float) -> None:
+    """Write one module's A and B^T of every layer into ``data`` [L, ...].
+
+    A few grouped copies when every layer has the module at the same rank, scale and dtype (one
+    torch call per tensor would take and give back the GIL hundreds of times per adapter, which
+    stalls the engine's thread while loader threads run); else layer by layer."""
+    n_in, n_out = shape
+    per_layer = [layer.get(module) for layer in weights]
+    a_dest = data[:, a_off:a_off + rank * n_in].view(len(weights), rank, n_in)
+    b_dest = data[:, b_off:b_off + rank * n_out].view(len(weights), rank, n_out)
+    if all(w is not None and w[0].shape[0] == rank and w[2] == scale and w[0].dtype == per_layer[0][0].dtype
+           and w[1].dtype == per_layer[0][1].dtype for w in per_layer):
+        a_dest.copy_(torch.stack([w[0] for w in per_layer]))
+        b_dest.copy_(torch.stack([w[1] for w in per_layer]).transpose(1, 2))
+        return
+    for layer, w in enumerate(per_layer):
+        if w is None:
+            continue
+        a, b, layer_scale = w
+        r = a.shape[0]
+        if layer_scale != scale:  # a layer-specific alpha: fold the ratio into B
+            b = b.float() * (layer_scale / scale)
+        a_dest[layer, :r] = a
+        b_dest[layer, :r] = b.t()
 
 
 # exponent bits of IEEE formats: all ones = Inf or NaN

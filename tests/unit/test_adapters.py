@@ -148,3 +148,38 @@ def test_packing_is_rank_exact(base_and_adapter):
     off = packed.b_offsets["down_proj"]
     n_out = shapes["down_proj"][1]
     assert torch.equal(packed.data[1, off:off + 8 * n_out].view(8, n_out), b.t())
+
+
+@pytest.mark.parametrize("irregular", [False, True])
+def test_packing_matches_layer_by_layer(tmp_path, base_and_adapter, irregular):
+    """The grouped copies of a regular adapter, and the layer-by-layer path of an irregular one
+    (a module missing in a layer, another rank in a layer, a layer-specific alpha, bf16 weights),
+    both give what a plain per-layer copy gives."""
+    base, good = base_and_adapter
+    model = ModelConfig.from_dir(base)
+    path = good
+    if irregular:
+        def edit(tensors):
+            for key in [k for k in tensors if "layers.0." in k and "down_proj" in k]:
+                del tensors[key]
+            prefix = "base_model.model.model.layers.1.self_attn.q_proj"
+            tensors[f"{prefix}.lora_A.weight"] = tensors[f"{prefix}.lora_A.weight"][:4].clone()
+            tensors[f"{prefix}.lora_B.weight"] = tensors[f"{prefix}.lora_B.weight"][:, :4].clone()
+            for key in tensors:
+                tensors[key] = tensors[key].to(torch.bfloat16)
+        path = broken_copy(good, tmp_path / "irregular", edit,
+                           lambda cfg: cfg.update(alpha_pattern={"layers.1.down_proj": 12}))
+    adapter = load_adapter("x", path, model, 64)
+    packed = pack_adapter(adapter, model, page_size=512, dtype=torch.float32)
+    shapes = model.projection_shapes()
+    expected = torch.zeros_like(packed.data)
+    for layer, modules in enumerate(adapter.weights):
+        for m, (a, b, scale) in modules.items():
+            r, (n_in, n_out) = a.shape[0], shapes[m]
+            b = b.float() * (scale / packed.scales[m])
+            expected[layer, packed.a_offsets[m]:packed.a_offsets[m] + r * n_in] = a.float().reshape(-1)
+            expected[layer, packed.b_offsets[m]:packed.b_offsets[m] + r * n_out] = b.t().reshape(-1)
+    assert torch.equal(packed.data, expected)
+    if irregular:
+        assert "down_proj" not in adapter.weights[0] and adapter.weights[1]["q_proj"][0].shape[0] == 4
+        assert adapter.weights[1]["down_proj"][2] != packed.scales["down_proj"]
