@@ -168,7 +168,7 @@ def test_packing_matches_layer_by_layer(tmp_path, base_and_adapter, irregular):
             for key in tensors:
                 tensors[key] = tensors[key].to(torch.bfloat16)
         path = broken_copy(good, tmp_path / "irregular", edit,
-                           lambda cfg: cfg.update(alpha_pattern={"layers.1.down_proj": 12}))
+                           lambda cfg: cfg.update(alpha_pattern={"layers.1.q_proj": 12}))
     adapter = load_adapter("x", path, model, 64)
     packed = pack_adapter(adapter, model, page_size=512, dtype=torch.float32)
     shapes = model.projection_shapes()
@@ -182,4 +182,4 @@ def test_packing_matches_layer_by_layer(tmp_path, base_and_adapter, irregular):
     assert torch.equal(packed.data, expected)
     if irregular:
         assert "down_proj" not in adapter.weights[0] and adapter.weights[1]["q_proj"][0].shape[0] == 4
-        assert adapter.weights[1]["down_proj"][2] != packed.scales["down_proj"]
+        assert adapter.weights[1]["q_proj"][2] != packed.scales["q_proj"]
