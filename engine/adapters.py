@@ -8,10 +8,10 @@ import re
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
 
 from engine.config import ModelConfig
 from engine.errors import AdapterLoadError
+from engine.safetensors_io import read_safetensors
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
@@ -74,23 +74,21 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int) -
     shapes = model.projection_shapes()
     raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
-        with safe_open(weights_path, framework="pt") as f:
-            for key in f.keys():
-                m = _KEY.match(key)
-                if m is None:
-                    raise fail(f"tensor {key!r} is not a LoRA A/B weight of "
-                               f"{', '.join(LORA_MODULES)} (embed_tokens, lm_head, biases and "
-                               "other modules are not supported)")
-                layer, module, which = int(m.group(1)), m.group(2), m.group(3)
-                if module not in shapes:
-                    raise fail(f"module {module!r} is not supported; supported: {', '.join(LORA_MODULES)}")
-                if layer >= model.num_layers:
-                    raise fail(f"tensor {key!r} names layer {layer}, the base model has {model.num_layers}")
-                raw.setdefault((layer, module), {})[which] = f.get_tensor(key)
-    except AdapterLoadError:
-        raise
-    except Exception as e:
+        tensors = read_safetensors(weights_path)
+    except (OSError, ValueError) as e:
         raise fail(f"cannot read adapter_model.safetensors ({e})") from e
+    for key, tensor in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise fail(f"tensor {key!r} is not a LoRA A/B weight of "
+                       f"{', '.join(LORA_MODULES)} (embed_tokens, lm_head, biases and "
+                       "other modules are not supported)")
+        layer, module, which = int(m.group(1)), m.group(2), m.group(3)
+        if module not in shapes:
+            raise fail(f"module {module!r} is not supported; supported: {', '.join(LORA_MODULES)}")
+        if layer >= model.num_layers:
+            raise fail(f"tensor {key!r} names layer {layer}, the base model has {model.num_layers}")
+        raw.setdefault((layer, module), {})[which] = tensor
     if not raw:
         raise fail("adapter_model.safetensors holds no LoRA weights")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.adapters import PackedAdapter
-from engine.ops import Ops
+from engine.ops import Ops, to_device
 
 # fused projections of the model and the LoRA modules whose outputs they hold, in order
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
@@ -82,14 +82,11 @@ class LoRABatch:
             if max_rank == 0:
                 continue
             offsets, sizes = group_layout(group, out_sizes)
-            metas[group] = GroupMeta(torch.tensor(ranks, dtype=torch.int32, device=device),
-                                     torch.tensor(a_off, dtype=torch.int64, device=device),
-                                     torch.tensor(b_off, dtype=torch.int64, device=device),
-                                     torch.tensor(scales, dtype=torch.float32, device=device),
+            metas[group] = GroupMeta(to_device(ranks, torch.int32, device), to_device(a_off, torch.int64, device),
+                                     to_device(b_off, torch.int64, device), to_device(scales, torch.float32, device),
                                      offsets, sizes, max_rank)
-        return cls(ops, torch.tensor(token_slots, dtype=torch.int32, device=device),
-                   torch.tensor([t + [0] * (max_pages - len(t)) for t in page_tables], dtype=torch.int32,
-                                device=device), metas)
+        return cls(ops, to_device(token_slots, torch.int32, device),
+                   to_device([t + [0] * (max_pages - len(t)) for t in page_tables], torch.int32, device), metas)
 
     def apply(self, ops: Ops, y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, layer: int, group: str) -> None:
         """y += LoRA(x) for the modules of ``group``; y: [T, N_total] fused output, x: [T, K]."""

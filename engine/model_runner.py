@@ -12,7 +12,7 @@ from engine.checkpoint import load_weights, random_weights
 from engine.config import EngineConfig, ModelConfig
 from engine.lora_batch import LoRABatch
 from engine.model import AttentionMetadata, Transformer
-from engine.ops import Ops
+from engine.ops import Ops, to_device
 from engine.page_manager import PageManager
 from engine.sampler import sample
 from engine.scheduler import StepPlan
@@ -164,7 +164,6 @@ class ModelRunner:
         is ordered on the current stream and None is returned.
         """
         n, L = packed.num_pages, self.model_config.num_layers
-        index = torch.tensor(pages, dtype=torch.int64)
         stream = None
         if prefetch and self.device.type == "cuda":
             if self.copy_stream is None:
@@ -174,8 +173,9 @@ class ModelRunner:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             # one contiguous DMA from (pinned) host memory, then the scatter into pages on the device
             staging = packed.data.to(self.device, non_blocking=True)  # [L, n * PAGE]
+            index = to_device(pages, torch.int64, self.device)
             pages_first = staging.view(L, n, self.page_size).transpose(0, 1)  # [n, L, PAGE]
-            self.pool.index_copy_(0, index.to(self.device, non_blocking=True), pages_first)
+            self.pool.index_copy_(0, index, pages_first)
             if stream is None:
                 return None
             event = torch.cuda.Event()
@@ -226,7 +226,7 @@ class ModelRunner:
                                      adapter_pages)
             if len(sampling_seqs) != len(plan.batch):
                 rows = [i for i, item in enumerate(plan.batch) if item.samples]
-                logits = logits[torch.tensor(rows, device=dev)] if rows else logits[:0]
+                logits = logits[to_device(rows, torch.int64, dev)] if rows else logits[:0]
         else:
             logits = self._forward_eager(plan, input_ids, feeds, positions, slots, query_start, seq_lens, tables,
                                          token_adapters, in_step, adapter_pages, logits_indices)
@@ -243,19 +243,18 @@ class ModelRunner:
         dev = self.device
         max_blocks = max(len(t) for t in tables)
         attn = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32,
-                                      device=dev),
+            positions=to_device(positions, torch.int64, dev),
+            slot_mapping=to_device(slots, torch.int64, dev),
+            query_start_loc=to_device(query_start, torch.int32, dev),
+            seq_lens=to_device(seq_lens, torch.int32, dev),
+            block_tables=to_device([t + [0] * (max_blocks - len(t)) for t in tables], torch.int32, dev),
             max_query_len=max(item.num_new_tokens for item in plan.batch),
             max_seq_len=max(seq_lens),
         )
         lora = LoRABatch.build(self.ops, token_adapters, in_step, adapter_pages, self.out_sizes, dev)
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        ids = to_device(input_ids, torch.int64, dev)
         if feeds:
             dst, src = zip(*feeds)
-            ids[torch.tensor(dst, device=dev)] = self.token_buf[torch.tensor(src, device=dev)]
+            ids[to_device(list(dst), torch.int64, dev)] = self.token_buf[to_device(list(src), torch.int64, dev)]
         return self.model.forward(ids, attn, lora, self.pool, self.kv_caches,
-                                  torch.tensor(logits_indices, dtype=torch.int64, device=dev))
+                                  to_device(logits_indices, torch.int64, dev))

@@ -16,6 +16,15 @@ if TYPE_CHECKING:
     from engine.model import AttentionMetadata
 
 
+def to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of host data on ``device`` without waiting for the device: on CUDA through pinned
+    memory and an ordered copy, so a step can be queued while the one before still runs (a plain
+    ``torch.tensor(..., device=cuda)`` synchronises with the stream)."""
+    if device.type != "cuda":
+        return torch.tensor(data, dtype=dtype, device=device)
+    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 class Ops:
     def __init__(self, use_kernels: bool) -> None:
         self.use_kernels = use_kernels
