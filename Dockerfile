@@ -42,4 +42,6 @@ COPY model_repository ./model_repository
 COPY demo ./demo
 
 EXPOSE 8000 8001 8002
-CMD ["tritonserver", "--model-repository=/opt/multilora/model_repository"]
+# stub-timeout-seconds: the Python backend's default of 30 s is shorter than a 7B model's start
+CMD ["tritonserver", "--model-repository=/opt/multilora/model_repository", \
+     "--backend-config=python,stub-timeout-seconds=600"]

@@ -44,6 +44,10 @@ from typing import Any, Mapping, Sequence
 ENGINE_ARGS_ENV = "MULTILORA_ENGINE_ARGS"
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 _LOG_TAIL_LINES = 200
+# The Python backend gives a stub 30 s by default to answer, initialize() included; a 7B model's
+# start (weights, the pool, the decode graphs, and Triton kernels compiled on a machine without
+# a kernel cache) takes longer, and the stub is then killed as "not healthy".
+STUB_TIMEOUT_S = 600
 _running_servers: "set[TritonServer]" = set()
 
 
@@ -210,6 +214,7 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             f"--log-verbose={self.log_verbose}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
+            f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}",
             *self.extra_args,
         ]
 
