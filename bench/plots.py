@@ -73,7 +73,7 @@ def plot_decode_throughput() -> str:
 
 
 def plot_peers() -> str:
-    runs = {"run 1": _load("bench_peers_h100_run1.json"), "run 2": _load("bench_peers_h100.json")}
+    runs = {"earlier run": _load("bench_peers_h100_run1.json"), "latest run": _load("bench_peers_h100.json")}
     groups = [(run, key) for run in runs for key in ("0", "16")]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     width = 0.38
@@ -90,7 +90,7 @@ def plot_peers() -> str:
     ax.set_title("multilora against HF + PEFT (ratio above each multilora bar)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
-    return _save(fig, "plot_peers.png", runs["run 2"]["device"])
+    return _save(fig, "plot_peers.png", runs["latest run"]["device"])
 
 
 def _serving_results() -> tuple[dict, list[str]]:
