@@ -47,21 +47,23 @@ def main() -> int:
     client.async_stream_infer("multilora", inputs, request_id="1",
                               enable_empty_final_response=True)
     code = 0
-    while True:
-        result, error = responses.get(timeout=args.timeout)
-        if error is not None:  # the model sends errors as the final response
-            print(f"\nerror: {error.message()}", file=sys.stderr)
-            code = 1
-            break
-        text = result.as_numpy("text_output")
-        if text is not None and text.size:
-            print(text[0].decode(), end="", flush=True)
-        if result.get_response().parameters["triton_final_response"].bool_param:
-            reason = result.as_numpy("finish_reason")
-            print(f"\n[finish_reason: {reason[0].decode() if reason is not None else '?'}]")
-            break
-    client.stop_stream()
-    client.close()
+    try:
+        while True:
+            result, error = responses.get(timeout=args.timeout)
+            if error is not None:  # the model sends errors as the final response
+                print(f"\nerror: {error.message()}", file=sys.stderr)
+                code = 1
+                break
+            text = result.as_numpy("text_output")
+            if text is not None and text.size:
+                print(text[0].decode(), end="", flush=True)
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                reason = result.as_numpy("finish_reason")
+                print(f"\n[finish_reason: {reason[0].decode() if reason is not None else '?'}]")
+                break
+    finally:  # also on an error here (a closed stdout, a timeout): an open stream keeps the model loaded
+        client.stop_stream()
+        client.close()
     return code
 
 
