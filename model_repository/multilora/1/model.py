@@ -44,6 +44,7 @@ _STOP = ("stop",)
 # The engine thread lets go of the GIL at every wait on the GPU; with Python's default 5 ms switch
 # interval a busy response thread then keeps it for up to 5 ms of a ~10 ms decode step.
 GIL_SWITCH_INTERVAL_S = 0.0005
+GIL_SWITCH_ENV = "MULTILORA_GIL_SWITCH_INTERVAL_MS"  # overrides it (tuning, benchmarks)
 FAULTHANDLER_ENV = "MULTILORA_FAULTHANDLER"  # a file: every thread's stack every 30 s, and on a crash
 
 INPUTS = [
@@ -140,7 +141,7 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         _start_faulthandler()
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+        sys.setswitchinterval(float(os.environ.get(GIL_SWITCH_ENV, GIL_SWITCH_INTERVAL_S * 1e3)) / 1e3)
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise ValueError("multilora needs model_transaction_policy { decoupled: true }")
