@@ -91,8 +91,8 @@ class DecodeGraphs:
         self.scratch_page = runner.num_pages  # the pool's last page belongs to no one
         max_blocks = -(-max_model_len // bs)
         i32, i64, f32 = torch.int32, torch.int64, torch.float32
-        specs = [("input_ids", (size,), i64), ("feed_rows", (size,), i64), ("positions", (size,), i64), ("slot_mapping", (size,), i64),
-                 ("seq_lens", (size,), i32), ("token_slots", (size,), i32),
+        specs = [("input_ids", (size,), i64), ("feed_rows", (size,), i64), ("positions", (size,), i64),
+                 ("slot_mapping", (size,), i64), ("seq_lens", (size,), i32), ("token_slots", (size,), i32),
                  ("page_tables", (size, max(1, max_adapter_pages)), i32)]
         for group, modules in GROUPS.items():
             n = len(modules)

@@ -47,10 +47,6 @@ class EngineStats:
     steps_total: int = 0
 
 
-class _Launched:
-    """A launched step in which no sequence samples (prefill chunks only)."""
-
-
 class LLMEngine:
     """Continuous-batching multi-LoRA engine.
 
@@ -77,7 +73,7 @@ class LLMEngine:
         self.eos_token_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
         self._prefetching: dict[str, tuple] = {}  # adapter prefetches in flight: name -> (event, staging)
-        self._in_flight: SampledTokens | _Launched | None = None  # a launched step not yet collected
+        self._in_flight: SampledTokens | None = None  # a launched step not yet collected
         self.stats = EngineStats(num_pages_total=self.runner.num_pages)
 
     def _eos_ids(self) -> tuple[int, ...]:
@@ -178,7 +174,7 @@ class LLMEngine:
         done, self._in_flight = self._in_flight, following
         return self._collect(done)
 
-    def _launch(self) -> SampledTokens | _Launched | None:
+    def _launch(self) -> SampledTokens | None:
         """Schedule a step and queue its work on the device; None if there is nothing to run."""
         plan = self.scheduler.schedule()
         if not plan.batch:
@@ -200,12 +196,10 @@ class LLMEngine:
                 seq.pending_row = row
                 row += 1
         self.stats.steps_total += 1
-        return sampled if sampled is not None else _Launched()
+        return sampled
 
-    def _collect(self, launched: SampledTokens | _Launched) -> list[RequestOutput]:
+    def _collect(self, launched: SampledTokens) -> list[RequestOutput]:
         """Wait for a launched step's tokens and turn them into deltas."""
-        if isinstance(launched, _Launched):
-            return []
         tokens = launched.get()
         now = time.monotonic()
         outputs: list[RequestOutput] = []

@@ -43,6 +43,7 @@ class SampledTokens:
             self._event.synchronize()
         return self._host.tolist()
 
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CPU_DEFAULT_POOL_BYTES = 256 << 20
 
@@ -183,8 +184,9 @@ class ModelRunner:
         return event, staging
 
     def run(self, plan: StepPlan, pages: PageManager, adapters: dict[str, PackedAdapter],
-            eos_token_ids: tuple[int, ...]) -> SampledTokens | None:
-        """Launch one step; returns the tokens of the sequences that sample (None if none does).
+            eos_token_ids: tuple[int, ...]) -> SampledTokens:
+        """Launch one step; returns the tokens of the sequences that sample (none in a step of
+        prefill chunks only).
 
         A token that is still pending (sampled by the previous step, not on the host yet) is read
         from ``token_buf`` on the device, at the row the sequence's ``pending_row`` names."""
@@ -231,7 +233,7 @@ class ModelRunner:
             logits = self._forward_eager(plan, input_ids, feeds, positions, slots, query_start, seq_lens, tables,
                                          token_adapters, in_step, adapter_pages, logits_indices)
         if not sampling_seqs:
-            return None
+            return SampledTokens([], torch.zeros(0, dtype=torch.int64), None)
         tokens = sample(logits, sampling_seqs, eos_token_ids, self.generator)
         self.token_buf[:tokens.shape[0]].copy_(tokens)
         host = None if self._host_tokens is None else self._host_tokens[self._num_launched % 2]
