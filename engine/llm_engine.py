@@ -6,13 +6,13 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 from transformers import AutoTokenizer
 
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop
+from engine.engine_stats import EngineStats
 from engine.errors import EngineOverloadedError, InvalidRequestError
 from engine.lora_manager import LoRAManager
 from engine.model_runner import ModelRunner, SampledTokens
@@ -23,28 +23,6 @@ from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
 
 logger = logging.getLogger("multilora")
-
-
-@dataclass
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    num_pages_total: int = 0  # the unified pool
-    num_pages_free: int = 0
-    num_kv_blocks_used: int = 0  # pages holding KV
-    num_adapter_pages_used: int = 0  # pages holding adapters
-    num_adapters_gpu: int = 0  # adapters resident in the pool
-    num_adapters_host: int = 0  # adapters in the host tier
-    adapter_loads_total: int = 0  # disk -> host
-    adapter_load_seconds_total: float = 0.0
-    adapter_hits_total: int = 0  # admitted with the adapter already in the pool
-    adapter_misses_total: int = 0  # admitted after copying the adapter into the pool
-    adapter_evictions_total: int = 0  # evicted from the pool
-    adapter_prefetches_total: int = 0  # copied into the pool ahead of admission
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    num_preemptions_total: int = 0
-    steps_total: int = 0
 
 
 class LLMEngine:
