@@ -29,6 +29,7 @@ RUN python3 -m pip install --index-url ${TORCH_INDEX_URL} "torch==${TORCH_VERSIO
 COPY pyproject.toml ./
 COPY engine ./engine
 COPY kernels ./kernels
+COPY multilora_serve ./multilora_serve
 # numpy < 2 works with every Python backend stub (older ones break on numpy 2).
 RUN python3 -m pip install \
         "numpy==1.26.4" \
@@ -36,7 +37,7 @@ RUN python3 -m pip install \
         "transformers==5.17.0" \
         "safetensors==0.8.0" \
         -e . \
-    && python3 -c "import engine, kernels, torch, transformers; print('torch', torch.__version__)"
+    && python3 -c "import engine, kernels, multilora_serve, torch, transformers; print('torch', torch.__version__)"
 
 COPY model_repository ./model_repository
 COPY demo ./demo

@@ -20,7 +20,7 @@ venv: $(STAMP)
 
 # OMP_NUM_THREADS=1: on a small CPU machine torch's thread pool spins against tritonserver's threads.
 serve: $(STAMP)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m engine.launcher $(ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m multilora_serve $(ARGS)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" OMP_NUM_THREADS=1 $(PY) -m pytest -q tests $(ARGS)

@@ -41,7 +41,7 @@ import numpy as np
 
 from bench.serving_workload import (SLO_TTFT_S, RequestRecord, WorkloadRequest, generate_workload,
                                     summarize)
-from engine.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
+from multilora_serve.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
 
 MODEL_NAME = "multilora"
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -469,7 +469,7 @@ def main() -> None:
         print(f"[{time.monotonic() - t_begin:6.1f} s] {message}", file=sys.stderr, flush=True)
 
     from bench.common import write_model_dir
-    from engine.launcher import parse_engine_args
+    from multilora_serve.launcher import parse_engine_args
 
     work = tempfile.mkdtemp(prefix="multilora-serving-")
     try:

@@ -1,6 +1,6 @@
 """Start Triton Inference Server (the binary of the ``nvidia-pytriton`` wheel) on a model repository.
 
-Console script ``multilora-serve`` (also ``python -m engine.launcher``), and ``TritonServer``, a
+Console script ``multilora-serve`` (also ``python -m multilora_serve``), and ``TritonServer``, a
 context manager that tests and benchmarks use to start servers the same way.
 
 What it does (see the Triton recipe in the project's toolchain notes):

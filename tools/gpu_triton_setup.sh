@@ -8,11 +8,11 @@
 # numpy < 2 while the image has numpy 2.x, and the stub takes its packages from the venv of the
 # first python3 on PATH (our launcher puts sys.prefix/bin first). So V is a venv without pip
 # whose site-packages hold numpy 1.26.4, tritonclient, python-rapidjson and the server files as
-# a package `pytriton` (only what engine.launcher uses: tritonserver/{bin,backends,caches},
-# the 3.12 backend stub, nvidia_pytriton.libs without the Python 3.13 library), plus a .pth that
-# appends the image's site-packages (torch, transformers, grpcio, protobuf, ... stay visible,
-# after V's numpy). The nvidia-pytriton wheel itself (55 MB) does not fit in the 64 MiB a run
-# may carry together with the repository.
+# a package `pytriton` (only what multilora_serve.launcher uses:
+# tritonserver/{bin,backends,caches}, the 3.12 backend stub, nvidia_pytriton.libs without the
+# Python 3.13 library), plus a .pth that appends the image's site-packages (torch,
+# transformers, grpcio, protobuf, ... stay visible, after V's numpy). The nvidia-pytriton wheel
+# itself (55 MB) does not fit in the 64 MiB a run may carry together with the repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHL=${WHL:-.whl}
@@ -27,7 +27,8 @@ pack() {
         local tmp
         tmp=$(mktemp -d)
         mkdir -p "$tmp/pytriton/tritonserver/python_backend_stubs"
-        : > "$tmp/pytriton/__init__.py"  # engine.launcher only needs find_spec("pytriton")
+        # multilora_serve.launcher only needs find_spec("pytriton")
+        : > "$tmp/pytriton/__init__.py"
         cp -a "$site/pytriton/tritonserver/bin" "$site/pytriton/tritonserver/backends" \
               "$site/pytriton/tritonserver/caches" "$tmp/pytriton/tritonserver/"
         rm -rf "$tmp/pytriton/tritonserver/backends/python/__pycache__"
@@ -86,7 +87,7 @@ install() {
 import sys, traceback
 import numpy
 import tritonclient.grpc.aio  # noqa: F401
-from engine.launcher import tritonserver_binary
+from multilora_serve.launcher import tritonserver_binary
 import torch
 print(f"venv {sys.prefix}: numpy {numpy.__version__}, torch {torch.__version__} cuda={torch.cuda.is_available()}, "
       f"tritonserver {tritonserver_binary()}")

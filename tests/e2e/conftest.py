@@ -1,4 +1,4 @@
-"""Fixture starting a real tritonserver (engine.launcher.TritonServer) on free loopback ports with
+"""Fixture starting a real tritonserver (multilora_serve.launcher.TritonServer) on free loopback ports with
 the project's model repository and the real engine on the embedded demo model; stopped at the end
 of the session."""
 from __future__ import annotations

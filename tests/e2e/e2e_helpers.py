@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from engine.launcher import TritonServer
+from multilora_serve.launcher import TritonServer
 
 MODEL = "multilora"
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""engine.launcher starts the tritonserver of the nvidia-pytriton wheel (no engine needed):
+"""multilora_serve.launcher starts the tritonserver of the nvidia-pytriton wheel (no engine needed):
 a tiny decoupled echo model in tmp_path stands in for multilora."""
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from engine import launcher
-from engine.launcher import TritonServer, TritonServerError
+from multilora_serve import launcher
+from multilora_serve.launcher import TritonServer, TritonServerError
 
 from e2e_helpers import ROOT, START_TIMEOUT_S, start_server
 
@@ -170,7 +170,7 @@ def test_model_that_fails_to_load_raises_with_the_log_tail(echo_repository: Path
 
 def _run_cli(args: list[str], tmp_path: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "engine.launcher", *args], cwd=ROOT,
+        [sys.executable, "-m", "multilora_serve", *args], cwd=ROOT,
         stdout=subprocess.PIPE, stderr=open(tmp_path / "cli.stderr", "w"), text=True,
         env={**os.environ, **(env or {})})
 

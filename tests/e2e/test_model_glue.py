@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from e2e_helpers import copy_model_repository, start_server
-from engine.launcher import TritonServerError
+from multilora_serve.launcher import TritonServerError
 
 pytestmark = pytest.mark.e2e
 

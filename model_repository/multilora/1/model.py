@@ -30,7 +30,7 @@ import triton_python_backend_utils as pb_utils
 from engine.async_engine import AsyncEngine
 from engine.errors import (AdapterLoadError, AdapterNotFoundError, EngineOverloadedError,
                            InvalidRequestError, RequestAbortedError)
-from engine.launcher import ENGINE_ARGS_ENV
+from multilora_serve.launcher import ENGINE_ARGS_ENV
 from engine.outputs import RequestOutput
 from multilora_metrics import ServingMetrics
 from multilora_requests import ParsedRequest, parse_request
