@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 from engine.config import EngineConfig
 from engine.errors import EngineError, EngineOverloadedError
-from engine.llm_engine import EngineStats, LLMEngine
+from engine.engine_stats import EngineStats
+from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -43,6 +44,9 @@ class AsyncEngine:
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
         self.step_sink: StepSink | None = None
+        self.on_fatal: Callable[[str], None] | None = None  # called from the loop thread, once
+        self.failed: str | None = None  # why the loop stopped after an internal error
+        self._last_stats_error = ""
         self._thread: threading.Thread | None = None
         # adapters read from disk off the request path; request id -> aborted while loading
         self._loader = ThreadPoolExecutor(max_workers=config.adapter_loader_threads,
@@ -92,19 +96,22 @@ class AsyncEngine:
     # --- requests -------------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
                     params: SamplingParams, lora_name: str | None, on_output: OutputCallback) -> None:
-        """Validate now (raising EngineError subclasses); an adapter that must come from disk is
-        read on a loader thread, so neither the caller nor the engine loop waits for it."""
+        """Validate and tokenize now (raising EngineError subclasses); an adapter that must come
+        from disk is read on a loader thread, so neither the caller nor the engine loop waits for
+        it. Only the caller's thread tokenizes (an HF tokenizer is not safe across threads)."""
+        if self.failed is not None:
+            raise EngineError(f"the engine has stopped after an internal error ({self.failed})")
         if self.stats().num_waiting + self._commands.qsize() >= self.config.max_waiting_requests:
             raise EngineOverloadedError(
                 f"{self.config.max_waiting_requests} requests are already waiting (max_waiting_requests); "
                 "try again later")
         if lora_name and not self.engine.lora.is_in_host(lora_name):
             self.engine.lora.resolve(lora_name)  # unknown or malformed names fail here, at once
-            self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, None)  # the rest of the checks
+            checked = self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, None)
             with self._loading_lock:
                 self._loading[request_id] = False  # True once aborted
-            self._loader.submit(self._load_and_add, request_id, prompt, prompt_token_ids, params, lora_name,
-                                on_output)
+            self._loader.submit(self._load_and_add, request_id, checked.prompt_token_ids, checked.params,
+                                lora_name, on_output)
             return
         seq = self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, lora_name)
         self._commands.put(("add", (seq, on_output)))
@@ -116,11 +123,11 @@ class AsyncEngine:
                 return
         self._commands.put(("abort", request_id))
 
-    def _load_and_add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
-                      params: SamplingParams, lora_name: str, on_output: OutputCallback) -> None:
+    def _load_and_add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                      lora_name: str, on_output: OutputCallback) -> None:
         """Loader thread: read the adapter from disk, then hand the request to the loop."""
         try:
-            seq = self.engine.make_sequence(request_id, prompt, prompt_token_ids, params, lora_name)
+            seq = self.engine.make_sequence(request_id, None, prompt_token_ids, params, lora_name)
         except Exception as e:
             with self._loading_lock:
                 self._loading.pop(request_id, None)
@@ -142,28 +149,50 @@ class AsyncEngine:
 
     # --- the loop thread ----------------------------------------------------------------------
     def _loop(self) -> None:
+        """The whole body is guarded: a failed step, or any other error of the loop, ends every
+        live request with an error, records ``failed`` and calls ``on_fatal``; the loop then
+        stops (the device state after a failed step cannot be trusted). A failed command fails
+        only its request."""
         engine = self.engine
-        while not self._stop.is_set():
-            block = not engine.has_work()
-            try:
-                command = self._commands.get(block=block, timeout=0.5 if block else None)
-            except queue.Empty:
-                command = None
-            while command is not None:
-                self._handle(command)
+        try:
+            while not self._stop.is_set():
+                block = not engine.has_work()
                 try:
-                    command = self._commands.get_nowait()
+                    command = self._commands.get(block=block, timeout=0.5 if block else None)
                 except queue.Empty:
                     command = None
-            if engine.has_work():
-                try:
-                    outputs = engine.step()
-                except Exception as e:  # a failed step must not leave requests hanging
-                    logger.exception("[multilora] engine step failed")
-                    outputs = engine.fail_all(EngineError(f"internal engine error: {e}"))
-                self._emit(outputs)
-            self._publish_stats()
+                while command is not None:
+                    self._handle(command)
+                    try:
+                        command = self._commands.get_nowait()
+                    except queue.Empty:
+                        command = None
+                if engine.has_work():
+                    self._emit(engine.step())
+                self._publish_stats()
+        except Exception as e:
+            logger.exception("the engine loop failed")
+            self.failed = f"{type(e).__name__}: {e}"
+            self._emit(engine.fail_all(EngineError(f"internal engine error: {self.failed}")))
+            self._drain_commands(EngineError(f"internal engine error: {self.failed}"))
+            if self.on_fatal is not None:
+                self.on_fatal(self.failed)
+            return
         self._emit(engine.fail_all(EngineError("the engine is shutting down")))
+        self._drain_commands(EngineError("the engine is shutting down"))
+
+    def _drain_commands(self, error: EngineError) -> None:
+        """Fail the requests handed over but not added yet (their adapter references go back)."""
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                seq, callback = arg
+                self.engine.release(seq)
+                callback(RequestOutput(request_id=seq.request_id, finished=True, finish_reason="error",
+                                       error=error))
 
     def _handle(self, command: tuple[str, Any]) -> None:
         kind, arg = command
@@ -171,7 +200,10 @@ class AsyncEngine:
             seq, callback = arg
             try:
                 self.engine.add(seq)
-            except EngineError as e:
+            except Exception as e:
+                if not isinstance(e, EngineError):
+                    logger.exception("adding request %s failed", seq.request_id)
+                    e = EngineError(f"internal engine error while adding the request: {e}")
                 callback(RequestOutput(request_id=seq.request_id, finished=True, finish_reason="error", error=e))
                 return
             self._callbacks[seq.request_id] = callback
@@ -194,15 +226,22 @@ class AsyncEngine:
             try:
                 self.step_sink(delivered)
             except Exception:
-                logger.exception("[multilora] the step sink failed for %d outputs", len(delivered))
+                logger.exception("the step sink failed for %d outputs", len(delivered))
             return
         for callback, out in zip(callbacks, delivered):
             try:
                 callback(out)
             except Exception:
-                logger.exception("[multilora] output callback failed for request %s", out.request_id)
+                logger.exception("output callback failed for request %s", out.request_id)
 
     def _publish_stats(self) -> None:
-        stats = self.engine.get_stats()
+        try:
+            stats = self.engine.get_stats()
+        except Exception as e:  # metrics must not stop the engine; said once per kind of failure
+            message = f"reading the engine stats failed: {e!r}"
+            if message != self._last_stats_error:
+                logger.exception(message)
+                self._last_stats_error = message
+            return
         with self._stats_lock:
             self._stats = stats

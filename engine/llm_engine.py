@@ -35,7 +35,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, adapters: dict[str, str] | None = None) -> None:
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
+        # Two instances: HF tokenizers are not safe across threads ("Already borrowed"); requests
+        # are tokenized in the caller's thread, tokens are detokenized in the loop's.
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.detokenizer_tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         max_len = config.max_model_len or self.model_config.max_position_embeddings
         self.runner = ModelRunner(config, self.model_config, max_len)
         kv_capacity = self.runner.num_pages * config.block_size
@@ -105,7 +108,7 @@ class LLMEngine:
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        seq.detokenizer = IncrementalDetokenizer(self.detokenizer_tokenizer, ids, params.skip_special_tokens)
         return seq
 
     def add(self, seq: Sequence) -> None:
