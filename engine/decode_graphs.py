@@ -1,9 +1,10 @@
 """Decode steps on static buffers, replayed as CUDA graphs (one per batch-size bucket).
 
-A decode step of B sequences is padded to the next bucket: padding rows read and write only the
-pool's scratch page and use no adapter. Every per-step input (token ids, positions, KV slots,
-block tables, LoRA slots, page tables, ranks, offsets, scales) is written into an InputArena,
-whose device buffers never move, so one captured graph serves any mix of sequences and adapters.
+A decode step of B sequences is padded to the next bucket (a step larger than every bucket runs
+eagerly instead): padding rows read and write only the pool's scratch page and use no adapter.
+Every per-step input (token ids, positions, KV slots, block tables, LoRA slots, page tables,
+ranks, offsets, scales) is written into an InputArena, whose device buffers never move, so one
+captured graph serves any mix of sequences and adapters.
 A bucket has a graph per set of projection groups that the step's adapters touch (none,
 attention only and all are captured at start, others when first needed), so a step launches no
 LoRA kernel for a group that none of its adapters has. With ``capture=False`` the same buffers
@@ -83,7 +84,11 @@ class DecodeGraphs:
                  capture: bool) -> None:
         self.runner = runner
         self.capture = capture
-        self.buckets = [b for b in BUCKETS if b < max_num_seqs] + [min(b for b in BUCKETS if b >= max_num_seqs)]
+        # Buckets up to the first one that holds max_num_seqs, and never past BUCKETS[-1]: a larger
+        # decode step runs eagerly (``bucket`` is None). At that size a step is bound by the GPU's
+        # arithmetic, so the launch overhead a graph saves is small, while a bucket of max_num_seqs
+        # would add three captures at start and pad, say, 513 sequences to max_num_seqs rows.
+        self.buckets = [b for b in BUCKETS if b < max_num_seqs] + [b for b in BUCKETS if b >= max_num_seqs][:1]
         self.max_model_len = max_model_len
         self.max_lora_rank = max_lora_rank
         size = self.buckets[-1]
@@ -114,6 +119,7 @@ class DecodeGraphs:
         self.mempool = None
 
     def bucket(self, num_seqs: int) -> int | None:
+        """The bucket a decode step of ``num_seqs`` sequences is padded to; None above the largest."""
         return next((b for b in self.buckets if b >= num_seqs), None)
 
     def run(self, input_ids: list[int], feeds: list[tuple[int, int]], positions: list[int], slots: list[int],

@@ -1,0 +1,70 @@
+"""Decode graphs' batch buckets: a max_num_seqs above the largest bucket starts, and a decode step
+larger than that bucket runs eagerly, with the tokens of the engine without graphs."""
+import pytest
+
+from engine.config import EngineConfig, ModelConfig
+from engine.decode_graphs import BUCKETS
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from helpers import write_checkpoint, write_raw_adapter
+
+NUM_SEQS = BUCKETS[-1] + 8
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("buckets")
+    base = write_checkpoint(str(root / "base"), "llama_gqa", num_hidden_layers=1, hidden_size=32,
+                            intermediate_size=48)
+    shapes = ModelConfig.from_dir(base).projection_shapes()
+    adapters = {"a0": write_raw_adapter(str(root / "a0"), 1, shapes, 4, ["q_proj", "down_proj"], seed=0)}
+    return base, adapters
+
+
+def run(model, decode_graphs):
+    """NUM_SEQS requests prefilled in one step, then decoded together; their max_tokens differ, so
+    the decode batch shrinks from NUM_SEQS (above every bucket) into the buckets. Returns the
+    tokens per request, the batch size of every pure decode step, the decode graphs and the
+    number of steps they ran."""
+    base, adapters = model
+    engine = LLMEngine(EngineConfig(model=base, num_pages=4 * NUM_SEQS, block_size=4, max_num_seqs=600,
+                                    max_num_batched_tokens=8 * NUM_SEQS, decode_graphs=decode_graphs), adapters)
+    decode_sizes = []
+    runner_run = engine.runner.run
+
+    def recording_run(plan, *args, **kwargs):
+        if all(item.num_new_tokens == 1 for item in plan.batch):
+            decode_sizes.append(len(plan.batch))
+        return runner_run(plan, *args, **kwargs)
+
+    engine.runner.run = recording_run
+    graphs, graph_steps = engine.runner.graphs, []
+    if graphs is not None:
+        graphs_run = graphs.run
+
+        def counting_run(*args, **kwargs):
+            graph_steps.append(1)
+            return graphs_run(*args, **kwargs)
+
+        graphs.run = counting_run
+    for i in range(NUM_SEQS):
+        prompt = [1] + [3 + (7 * i + j) % 250 for j in range(1 + i % 4)]
+        params = SamplingParams(temperature=0, max_tokens=2 + i % 5, ignore_eos=True)
+        engine.add(engine.make_sequence(f"r{i}", None, prompt, params, "a0" if i % 3 else None))
+    tokens = {f"r{i}": [] for i in range(NUM_SEQS)}
+    while engine.has_work():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+    engine.pages.check_invariants()
+    return tokens, decode_sizes, graphs, len(graph_steps)
+
+
+def test_decode_batches_above_the_largest_bucket_keep_outputs(model):
+    expected, eager_sizes, _, _ = run(model, "off")
+    got, sizes, graphs, num_graph_steps = run(model, "static")
+    assert graphs is not None and graphs.buckets[-1] == BUCKETS[-1]
+    assert sizes == eager_sizes and max(sizes) == NUM_SEQS
+    # the steps above the largest bucket ran eagerly, the others on the graphs' buffers
+    assert num_graph_steps == sum(n <= BUCKETS[-1] for n in sizes) > 0
+    assert got == expected
+    assert all(len(ids) == 2 + int(rid[1:]) % 5 for rid, ids in got.items())
