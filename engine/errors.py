@@ -30,3 +30,8 @@ class RequestAbortedError(EngineError):
 
 class CheckpointError(ValueError):
     """A base-model checkpoint is malformed or of an unsupported architecture."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine is not running (its process died, or the model is being unloaded). Triton:
+    UNAVAILABLE."""

@@ -1,10 +1,17 @@
-"""Triton Python-backend model "multilora": glue between Triton requests and the engine.
+"""Triton Python-backend model "multilora": glue between Triton requests and the engine process.
 
-``execute`` validates each request (multilora_requests.py), hands it to the engine with a
-callback that only puts outputs on a queue, and returns None (decoupled). One response thread
-drains the queue, coalesces every delta ready for a request into one response, sends it, polls
-``response_sender.is_cancelled()`` and feeds the metrics (multilora_metrics.py). Every request
-gets exactly one response flagged FINAL, errors and cancellation included, and nothing after it.
+The engine runs in a process of its own (engine/core_server.py), started and owned by
+``initialize``; the stub keeps a thin client (engine/core_client.py). ``execute`` validates each
+request (multilora_requests.py), hands it to the client, which queues it for the engine process
+and returns at once, and returns None (decoupled). The client's receiver thread puts each engine
+step's outputs on a queue; one response thread drains it, coalesces every delta ready for a
+request into one response, sends it, polls ``response_sender.is_cancelled()`` and feeds the
+metrics (multilora_metrics.py). Every request gets exactly one response flagged FINAL, errors and
+cancellation included, and nothing after it.
+
+If the engine process dies (or stops after an internal error), every live request gets a FINAL
+INTERNAL error saying so, the cause goes to Triton's log, and the model unloads itself (explicit
+model control), so ``/v2/models/multilora/ready`` answers not-ready until it is loaded again.
 
 Engine arguments: ``1/engine.json`` (paths relative to it) and ``1/multi_lora.json`` (adapters
 known at start), overridden by the config.pbtxt parameter ``engine_args`` (a JSON object), then by
@@ -15,9 +22,9 @@ from __future__ import annotations
 import faulthandler
 import itertools
 import json
+import logging
 import os
 import queue
-import sys
 import threading
 import time
 import traceback
@@ -27,9 +34,9 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from engine.async_engine import AsyncEngine
-from engine.errors import (AdapterLoadError, AdapterNotFoundError, EngineOverloadedError,
-                           InvalidRequestError, RequestAbortedError)
+from engine.core_client import EngineCoreClient
+from engine.errors import (AdapterLoadError, AdapterNotFoundError, EngineError, EngineOverloadedError,
+                           EngineUnavailableError, InvalidRequestError, RequestAbortedError)
 from multilora_serve.launcher import ENGINE_ARGS_ENV
 from engine.outputs import RequestOutput
 from multilora_metrics import ServingMetrics
@@ -41,10 +48,6 @@ STATS_POLL_S = 0.1
 MAX_EVENTS_PER_ROUND = 4096
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _STOP = ("stop",)
-# The engine thread lets go of the GIL at every wait on the GPU; with Python's default 5 ms switch
-# interval a busy response thread then keeps it for up to 5 ms of a ~10 ms decode step.
-GIL_SWITCH_INTERVAL_S = 0.0005
-GIL_SWITCH_ENV = "MULTILORA_GIL_SWITCH_INTERVAL_MS"  # overrides it (tuning, benchmarks)
 FAULTHANDLER_ENV = "MULTILORA_FAULTHANDLER"  # a file: every thread's stack every 30 s, and on a crash
 
 INPUTS = [
@@ -57,6 +60,8 @@ INPUTS = [
     {"name": "return_finish_reason", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
     {"name": "return_num_input_tokens", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
     {"name": "return_num_output_tokens", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    {"name": "return_logprobs", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    {"name": "return_cumulative_logprob", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
 ]
 OUTPUTS = [
     {"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]},
@@ -64,11 +69,25 @@ OUTPUTS = [
     {"name": "finish_reason", "data_type": "TYPE_STRING", "dims": [-1]},
     {"name": "num_input_tokens", "data_type": "TYPE_UINT32", "dims": [1]},
     {"name": "num_output_tokens", "data_type": "TYPE_UINT32", "dims": [-1]},
+    {"name": "logprobs", "data_type": "TYPE_STRING", "dims": [-1]},
+    {"name": "cumulative_logprob", "data_type": "TYPE_FP32", "dims": [-1]},
 ]
 
 
 def _log(level: str, message: str) -> None:
     getattr(pb_utils.Logger, f"log_{level}")(f"[multilora] {message}")
+
+
+def _log_engine_line(levelno: int, message: str) -> None:
+    """A log line of the engine process, at its level."""
+    if levelno >= logging.ERROR:
+        _log("error", message)
+    elif levelno >= logging.WARNING:
+        _log("warn", message)
+    elif levelno >= logging.INFO:
+        _log("info", message)
+    else:
+        _log("verbose", message)
 
 
 def _start_faulthandler() -> None:
@@ -99,7 +118,7 @@ def _classify(error: BaseException) -> tuple[str, str]:
         return "NOT_FOUND", "not_found"
     if isinstance(error, (InvalidRequestError, AdapterLoadError)):
         return "INVALID_ARG", "invalid_arg"
-    if isinstance(error, EngineOverloadedError):
+    if isinstance(error, (EngineOverloadedError, EngineUnavailableError)):
         return "UNAVAILABLE", "unavailable"
     if isinstance(error, RequestAbortedError):
         return "CANCELLED", "cancelled"
@@ -141,7 +160,6 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         _start_faulthandler()
-        sys.setswitchinterval(float(os.environ.get(GIL_SWITCH_ENV, GIL_SWITCH_INTERVAL_S * 1e3)) / 1e3)
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise ValueError("multilora needs model_transaction_policy { decoupled: true }")
@@ -153,26 +171,29 @@ class TritonPythonModel:
         overrides = _engine_overrides(model_config)
         _log("info", f"starting the engine from {engine_json}, adapters {multi_lora_json}, "
                      f"overrides {overrides}")
+        self._model_name = args["model_name"]
         self._events: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._metrics = ServingMetrics({"model": args["model_name"],
                                         "version": args["model_version"]}, _log)
-        self._engine = None
         self._thread = None
         self._last_stats_error = ""
+        self._dead: str | None = None  # set by the response thread when the engine process is gone
+        started = time.monotonic()
+        self._engine = EngineCoreClient(engine_json, multi_lora_json, overrides,
+                                        on_outputs=self._on_step_outputs, on_log=_log_engine_line,
+                                        on_death=self._on_engine_death)
         try:
-            self._engine = AsyncEngine.from_files(engine_json, multi_lora_json, overrides)
-            self._engine.step_sink = self._on_step_outputs  # one queue operation per engine step
             self._engine.start()
         except Exception:
             _log("error", f"the engine could not start:\n{traceback.format_exc()}")
-            if self._engine is not None:
-                self._engine.shutdown()
+            self._engine.shutdown()
             raise
         self._thread = threading.Thread(target=self._response_loop, name="multilora-responses",
                                         daemon=True)
         self._thread.start()
-        _log("info", f"ready: max_model_len={self._engine.max_model_len}")
+        _log("info", f"ready in {time.monotonic() - started:.1f} s: engine process {self._engine.pid}, "
+                     f"max_model_len={self._engine.max_model_len}")
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -195,6 +216,9 @@ class TritonPythonModel:
         arrival = time.monotonic()
         request_id = str(next(self._ids))
         try:
+            if self._engine.dead is not None:
+                raise EngineUnavailableError(
+                    f"the engine process {self._engine.dead}; the model is being unloaded: load it again")
             parsed = parse_request(request)
         except Exception as error:  # InvalidRequestError, or a bug: the request still gets a FINAL
             live = _LiveRequest(request_id, request, request.get_response_sender(), None, arrival)
@@ -203,19 +227,21 @@ class TritonPythonModel:
             return
         live = _LiveRequest(request_id, request, request.get_response_sender(), parsed, arrival)
         self._events.put(("new", live))  # before add_request: its outputs may come at once
-
-        def on_output(output: RequestOutput, request_id: str = request_id) -> None:
-            self._events.put(("output", request_id, output, time.monotonic()))
-
         try:
             self._engine.add_request(request_id, parsed.prompt, parsed.prompt_token_ids,
-                                     parsed.params, parsed.lora_name, on_output)
+                                     parsed.params, parsed.lora_name)
         except Exception as error:
+            if isinstance(error, EngineError) and self._engine.dead is not None:
+                error = EngineUnavailableError(str(error))
             self._events.put(("output", request_id, _failed(request_id, error), time.monotonic()))
 
     def _on_step_outputs(self, outputs: list[RequestOutput]) -> None:
-        """Engine loop thread: hand a step's outputs over without blocking."""
+        """The client's receiver thread: hand one engine step's outputs over without blocking."""
         self._events.put(("outputs", outputs, time.monotonic()))
+
+    def _on_engine_death(self, message: str) -> None:
+        """The client's watcher thread: the engine process is gone."""
+        self._events.put(("dead", message))
 
     # -- response thread -------------------------------------------------------------------
     def _response_loop(self) -> None:
@@ -237,6 +263,9 @@ class TritonPythonModel:
                     stopping = True
                 elif event[0] == "new":
                     live[event[1].request_id] = event[1]
+                elif event[0] == "dead":
+                    self._engine_died(event[1], live)
+                    touched.clear()
                 else:  # ("output", request id, output, time) or ("outputs", [output, ...], time)
                     at = event[-1]
                     for output in (event[1] if event[0] == "outputs" else (event[2],)):
@@ -269,6 +298,24 @@ class TritonPythonModel:
                 live.clear()
                 self._metrics.flush()
                 return
+
+    def _engine_died(self, message: str, live: dict[str, _LiveRequest]) -> None:
+        """Every live request ends with INTERNAL; then the model unloads itself (not ready)."""
+        _log("error", f"{message}: ending {len(live)} live requests and unloading the model")
+        self._dead = message
+        for state in live.values():
+            self._send_error(state, "INTERNAL", "internal",
+                             f"{message}; the model is being unloaded: retry once it is loaded again")
+        live.clear()
+        threading.Thread(target=self._unload_self, name="multilora-unload", daemon=True).start()
+
+    def _unload_self(self) -> None:
+        try:
+            pb_utils.unload_model(self._model_name)
+        except Exception as error:  # e.g. not in explicit model control mode
+            _log("error", f"the model could not unload itself ({error}); it stays loaded without an "
+                          "engine and answers UNAVAILABLE: restart the server, or run it with "
+                          "--model-control-mode=explicit so that it can be loaded again")
 
     def _take_output(self, state: _LiveRequest, output: RequestOutput, at: float) -> None:
         if output.num_prompt_tokens and not state.prompt_tokens_counted:
@@ -340,6 +387,10 @@ class TritonPythonModel:
             values["num_input_tokens"] = np.array([output.num_prompt_tokens], dtype=np.uint32)
         if parsed.return_num_output_tokens and parsed.wants("num_output_tokens"):  # tokens in this response
             values["num_output_tokens"] = np.array([len(output.token_ids)], dtype=np.uint32)
+        if parsed.return_logprobs and parsed.wants("logprobs"):  # the tokens of this response
+            values["logprobs"] = np.array([parsed.logprobs_output(output).encode()], dtype=np.object_)
+        if parsed.return_cumulative_logprob and parsed.wants("cumulative_logprob"):  # the whole output so far
+            values["cumulative_logprob"] = np.array([output.cumulative_logprob or 0.0], dtype=np.float32)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in values.items()])
 
     def _send_error(self, state: _LiveRequest, code: str, reason: str, message: str) -> None:
