@@ -64,13 +64,15 @@ def test_model_config_is_decoupled_and_vllm_compatible(llm_server):
     assert inputs["input_ids"] == ("TYPE_INT32", [-1], True)
     assert inputs["lora_name"] == ("TYPE_STRING", [1], True)
     for name in ("stream", "exclude_input_in_output", "return_finish_reason",
-                 "return_num_input_tokens", "return_num_output_tokens"):
+                 "return_num_input_tokens", "return_num_output_tokens", "return_logprobs",
+                 "return_cumulative_logprob"):
         assert inputs[name] == ("TYPE_BOOL", [1], True)
     outputs = {o["name"]: (o["data_type"], o["dims"]) for o in config["output"]}
     assert outputs == {"text_output": ("TYPE_STRING", [-1]), "output_ids": ("TYPE_INT32", [-1]),
                        "finish_reason": ("TYPE_STRING", [-1]),
                        "num_input_tokens": ("TYPE_UINT32", [1]),
-                       "num_output_tokens": ("TYPE_UINT32", [-1])}
+                       "num_output_tokens": ("TYPE_UINT32", [-1]),
+                       "logprobs": ("TYPE_STRING", [-1]), "cumulative_logprob": ("TYPE_FP32", [-1])}
 
 
 @pytest.mark.parametrize("adapter", list(EXPECTED))
