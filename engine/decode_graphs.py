@@ -17,8 +17,9 @@ import math
 
 import torch
 
-from engine.lora_batch import GROUPS, GroupMeta, LoRABatch, group_layout, host_tables
+from engine.lora_batch import GROUPS, GroupMeta, LoRABatch, group_layout
 from engine.model import AttentionMetadata
+from engine.step_inputs import StepInputs
 
 logger = logging.getLogger("multilora")
 
@@ -122,34 +123,32 @@ class DecodeGraphs:
         """The bucket a decode step of ``num_seqs`` sequences is padded to; None above the largest."""
         return next((b for b in self.buckets if b >= num_seqs), None)
 
-    def run(self, input_ids: list[int], feeds: list[tuple[int, int]], positions: list[int], slots: list[int],
-            seq_lens: list[int], tables: list[list[int]], token_adapters: list[str | None], adapters,
-            adapter_pages) -> torch.Tensor:
-        """Logits [n, V] of a decode step of n sequences (one new token each); ``feeds``: (row, row of
-        the runner's token_buf) for the rows whose token is still on the device."""
-        n = len(input_ids)
+    def run(self, step: StepInputs) -> torch.Tensor:
+        """Logits [n, V] of a decode step of n <= buckets[-1] sequences (one new token each, so
+        token i is sequence i's); its pending tokens are fed from the runner's token_buf."""
+        n = len(step.input_ids)
         b = self.bucket(n)
         self.arena.wait()
         host = self.arena.host
-        host["input_ids"][:n] = input_ids
+        host["input_ids"][:n] = step.input_ids
         host["input_ids"][n:b] = 0
         feed_rows = host["feed_rows"]
         feed_rows[:b] = -1
-        for row, src in feeds:
+        for row, src in step.feeds:
             feed_rows[row] = src
-        host["positions"][:n] = positions
+        host["positions"][:n] = step.positions
         host["positions"][n:b] = 0
-        host["slot_mapping"][:n] = slots
+        host["slot_mapping"][:n] = step.slot_mapping
         host["slot_mapping"][n:b] = self.scratch_page * self.runner.block_size
-        host["seq_lens"][:n] = seq_lens
+        host["seq_lens"][:n] = step.seq_lens
         host["seq_lens"][n:b] = 1
         # Only the blocks below a row's seq_len are read: the step's tables, and the first block of
         # the padding rows (the scratch page); columns past a table may hold stale pages.
         block_tables = host["block_tables"]
-        for row, table in enumerate(tables):
+        for row, table in enumerate(step.block_tables):
             block_tables[row, :len(table)] = table
         block_tables[n:b, 0] = self.scratch_page
-        lora = self._fill_lora(b, token_adapters, adapters, adapter_pages) if adapters else frozenset()
+        lora = self._fill_lora(b, step) if step.adapter_pages else frozenset()
         self.arena.upload(self.arena.end_of("block_tables", b))
         if not self.capture:
             return self._forward(b, lora)[:n]
@@ -159,17 +158,16 @@ class DecodeGraphs:
         graph.replay()
         return logits[:n]
 
-    def _fill_lora(self, b: int, token_adapters: list[str | None], adapters, adapter_pages) -> frozenset[str]:
+    def _fill_lora(self, b: int, step: StepInputs) -> frozenset[str]:
         """Write the LoRA tables; returns the groups that some adapter of the step has."""
-        token_slots, page_tables, groups = host_tables(token_adapters, adapters, adapter_pages, self.runner.out_sizes)
         host = self.arena.host
-        n = len(token_slots)
-        host["token_slots"][:n] = token_slots
+        n = len(step.token_slots)
+        host["token_slots"][:n] = step.token_slots
         host["token_slots"][n:b] = -1
-        for row, pages in enumerate(page_tables):
+        for row, pages in enumerate(step.adapter_pages):
             host["page_tables"][row, :len(pages)] = pages
         present = []
-        for group, (ranks, a_off, b_off, scales) in groups.items():
+        for group, (ranks, a_off, b_off, scales) in step.lora_groups.items():
             rows = len(ranks)
             host[f"{group}.ranks"][:rows] = ranks
             host[f"{group}.ranks"][rows:b] = 0  # slots past the step's adapters: rank 0, nothing read

@@ -3,11 +3,15 @@ applying the LoRA terms of a fused projection through the page tables."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.adapters import PackedAdapter
 from engine.ops import Ops, to_device
+
+if TYPE_CHECKING:
+    from engine.step_inputs import StepInputs
 
 # fused projections of the model and the LoRA modules whose outputs they hold, in order
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
@@ -28,7 +32,7 @@ class GroupMeta:
 
 
 def host_tables(token_adapters: list[str | None], adapters: dict[str, PackedAdapter],
-                adapter_pages: dict[str, list[int]], out_sizes: dict[str, int],
+                adapter_pages: dict[str, list[int]],
                 ) -> tuple[list[int], list[list[int]], dict[str, tuple[list, list, list, list]]]:
     """The step's LoRA tables as Python lists: token slots [T], page tables [NS][pages] and, per
     group, (ranks, a_offsets, b_offsets, scales) rows [NS][NPROJ]. Slots follow sorted names."""
@@ -69,15 +73,14 @@ class LoRABatch:
         self._z: dict[str, torch.Tensor] = {}  # per group, reused by every layer
 
     @classmethod
-    def build(cls, ops: Ops, token_adapters: list[str | None], adapters: dict[str, PackedAdapter],
-              adapter_pages: dict[str, list[int]], out_sizes: dict[str, int], device: torch.device) -> "LoRABatch":
+    def build(cls, ops: Ops, step: StepInputs, out_sizes: dict[str, int], device: torch.device) -> "LoRABatch":
         """The eager path: tables of exactly the step's adapters; groups no adapter has are skipped."""
-        if not adapters:
+        if not step.adapter_pages:
             return cls(ops, None, None, {})
-        token_slots, page_tables, groups = host_tables(token_adapters, adapters, adapter_pages, out_sizes)
+        page_tables = step.adapter_pages
         max_pages = max(len(t) for t in page_tables)
         metas = {}
-        for group, (ranks, a_off, b_off, scales) in groups.items():
+        for group, (ranks, a_off, b_off, scales) in step.lora_groups.items():
             max_rank = max(max(row) for row in ranks)
             if max_rank == 0:
                 continue
@@ -85,7 +88,7 @@ class LoRABatch:
             metas[group] = GroupMeta(to_device(ranks, torch.int32, device), to_device(a_off, torch.int64, device),
                                      to_device(b_off, torch.int64, device), to_device(scales, torch.float32, device),
                                      offsets, sizes, max_rank)
-        return cls(ops, to_device(token_slots, torch.int32, device),
+        return cls(ops, to_device(step.token_slots, torch.int32, device),
                    to_device([t + [0] * (max_pages - len(t)) for t in page_tables], torch.int32, device), metas)
 
     def apply(self, ops: Ops, y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, layer: int, group: str) -> None:
@@ -97,7 +100,5 @@ class LoRABatch:
         if z is None:  # [T, NPROJ, R_MAX] float32
             z = self._z[group] = torch.empty(x.shape[0], len(meta.out_sizes), meta.max_rank, dtype=torch.float32,
                                              device=x.device)
-        ops.lora_shrink(x, pool, layer, self.token_slots, self.page_tables, meta.ranks, meta.a_offsets, z,
-                        self.kernel_meta)
-        ops.lora_expand(z, pool, layer, self.token_slots, self.page_tables, meta.ranks, meta.b_offsets, meta.scales,
-                        y, meta.out_offsets, meta.out_sizes, self.kernel_meta)
+        ops.lora_shrink(x, pool, layer, self, meta, z)
+        ops.lora_expand(z, pool, layer, self, meta, y)

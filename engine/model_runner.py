@@ -16,6 +16,7 @@ from engine.ops import Ops, to_device
 from engine.page_manager import PageManager
 from engine.sampler import sample
 from engine.scheduler import StepPlan
+from engine.step_inputs import StepInputs, prepare
 
 logger = logging.getLogger("multilora")
 
@@ -190,48 +191,15 @@ class ModelRunner:
 
         A token that is still pending (sampled by the previous step, not on the host yet) is read
         from ``token_buf`` on the device, at the row the sequence's ``pending_row`` names."""
-        input_ids: list[int] = []
-        feeds: list[tuple[int, int]] = []  # (token index in this step, row in token_buf)
-        positions: list[int] = []
-        slots: list[int] = []
-        token_adapters: list[str | None] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        logits_indices: list[int] = []
-        sampling_seqs = []
-        bs = self.block_size
-        for item in plan.batch:
-            seq, n = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
-            table = pages.table(seq.request_id)
-            known = seq.all_token_ids[start:start + n]
-            if len(known) < n:  # the last one is pending
-                feeds.append((len(input_ids) + len(known), seq.pending_row))
-                known.append(0)
-            input_ids.extend(known)
-            positions.extend(range(start, start + n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            token_adapters.extend([seq.lora.name if seq.lora is not None else None] * n)
-            query_start.append(query_start[-1] + n)
-            seq_lens.append(start + n)
-            tables.append(table)
-            if item.samples:
-                logits_indices.append(query_start[-1] - 1)
-                sampling_seqs.append(seq)
-        dev = self.device
-        in_step = {name: adapters[name] for name in set(token_adapters) if name is not None}
-        adapter_pages = {n: pages.adapter_pages(n) for n in in_step}
-        if self.graphs is not None and len(input_ids) == len(plan.batch) and self.graphs.bucket(len(input_ids)):
-            # a decode step: one new token per sequence
-            logits = self.graphs.run(input_ids, feeds, positions, slots, seq_lens, tables, token_adapters, in_step,
-                                     adapter_pages)
-            if len(sampling_seqs) != len(plan.batch):
-                rows = [i for i, item in enumerate(plan.batch) if item.samples]
-                logits = logits[to_device(rows, torch.int64, dev)] if rows else logits[:0]
+        step = prepare(plan, pages, adapters)
+        sampling_seqs = step.sampling_seqs
+        if self.graphs is not None and step.is_decode and self.graphs.bucket(len(step.input_ids)):
+            logits = self.graphs.run(step)  # [S, V]; in a decode step token i is sequence i's
+            if len(sampling_seqs) != len(step.seq_lens):
+                rows = step.logits_indices
+                logits = logits[to_device(rows, torch.int64, self.device)] if rows else logits[:0]
         else:
-            logits = self._forward_eager(plan, input_ids, feeds, positions, slots, query_start, seq_lens, tables,
-                                         token_adapters, in_step, adapter_pages, logits_indices)
+            logits = self._forward_eager(step)
         if not sampling_seqs:
             return SampledTokens([], torch.zeros(0, dtype=torch.int64), None)
         tokens = sample(logits, sampling_seqs, eos_token_ids, self.generator)
@@ -240,23 +208,23 @@ class ModelRunner:
         self._num_launched += 1
         return SampledTokens(sampling_seqs, tokens, host)
 
-    def _forward_eager(self, plan: StepPlan, input_ids, feeds, positions, slots, query_start, seq_lens, tables,
-                       token_adapters, in_step, adapter_pages, logits_indices) -> torch.Tensor:
+    def _forward_eager(self, step: StepInputs) -> torch.Tensor:
+        """Logits [N, V] of the sampling sequences, the step's inputs sent to the device as they are."""
         dev = self.device
-        max_blocks = max(len(t) for t in tables)
+        max_blocks = max(len(t) for t in step.block_tables)
         attn = AttentionMetadata(
-            positions=to_device(positions, torch.int64, dev),
-            slot_mapping=to_device(slots, torch.int64, dev),
-            query_start_loc=to_device(query_start, torch.int32, dev),
-            seq_lens=to_device(seq_lens, torch.int32, dev),
-            block_tables=to_device([t + [0] * (max_blocks - len(t)) for t in tables], torch.int32, dev),
-            max_query_len=max(item.num_new_tokens for item in plan.batch),
-            max_seq_len=max(seq_lens),
+            positions=to_device(step.positions, torch.int64, dev),
+            slot_mapping=to_device(step.slot_mapping, torch.int64, dev),
+            query_start_loc=to_device(step.query_start_loc, torch.int32, dev),
+            seq_lens=to_device(step.seq_lens, torch.int32, dev),
+            block_tables=to_device([t + [0] * (max_blocks - len(t)) for t in step.block_tables], torch.int32, dev),
+            max_query_len=step.max_query_len,
+            max_seq_len=max(step.seq_lens),
         )
-        lora = LoRABatch.build(self.ops, token_adapters, in_step, adapter_pages, self.out_sizes, dev)
-        ids = to_device(input_ids, torch.int64, dev)
-        if feeds:
-            dst, src = zip(*feeds)
+        lora = LoRABatch.build(self.ops, step, self.out_sizes, dev)
+        ids = to_device(step.input_ids, torch.int64, dev)
+        if step.feeds:
+            dst, src = zip(*step.feeds)
             ids[to_device(list(dst), torch.int64, dev)] = self.token_buf[to_device(list(src), torch.int64, dev)]
         return self.model.forward(ids, attn, lora, self.pool, self.kv_caches,
-                                  to_device(logits_indices, torch.int64, dev))
+                                  to_device(step.logits_indices, torch.int64, dev))

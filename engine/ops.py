@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from kernels import reference
 
 if TYPE_CHECKING:
+    from engine.lora_batch import GroupMeta, LoRABatch
     from engine.model import AttentionMetadata
 
 
@@ -67,19 +68,27 @@ class Ops:
         """Per-step metadata of the LoRA kernels (None for the references)."""
         return self._meta.build(token_slots, num_slots) if self.use_kernels else None
 
-    def lora_shrink(self, x, pool, layer, token_slots, page_tables, ranks, a_offsets, z, meta) -> None:
-        """z[t, p, :r] = x[t] A_p^T through the adapters' page tables (BGMV/SGMV shrink)."""
-        if self.use_kernels:
-            self._shrink(x, pool, layer, token_slots, page_tables, ranks, a_offsets, z, meta=meta)
-        else:
-            reference.lora_shrink(x, pool, layer, token_slots, page_tables, ranks, a_offsets, z)
+    def lora_shrink(self, x: torch.Tensor, pool: torch.Tensor, layer: int, lora: "LoRABatch", group: "GroupMeta",
+                    z: torch.Tensor) -> None:
+        """z[t, p, :r] = x[t] A_p^T through the adapters' page tables (BGMV/SGMV shrink).
 
-    def lora_expand(self, z, pool, layer, token_slots, page_tables, ranks, b_offsets, scales, y, out_offsets,
-                    out_sizes, meta) -> None:
-        """y[t, off_p:off_p+N_p] += scale_p z[t, p, :r] B_p^T through the page tables (expand)."""
+        x: [T, K]; pool: [P, L, PAGE]; lora: the step's token slots and page tables; group: the
+        projection group's tables; z: [T, NPROJ, R_MAX] float32, written."""
+        args = (x, pool, layer, lora.token_slots, lora.page_tables, group.ranks, group.a_offsets, z)
         if self.use_kernels:
-            self._expand(z, pool, layer, token_slots, page_tables, ranks, b_offsets, scales, y, out_offsets,
-                         out_sizes, meta=meta)
+            self._shrink(*args, meta=lora.kernel_meta)
         else:
-            reference.lora_expand(z, pool, layer, token_slots, page_tables, ranks, b_offsets, scales, y,
-                                  out_offsets, out_sizes)
+            reference.lora_shrink(*args)
+
+    def lora_expand(self, z: torch.Tensor, pool: torch.Tensor, layer: int, lora: "LoRABatch", group: "GroupMeta",
+                    y: torch.Tensor) -> None:
+        """y[t, off_p:off_p+N_p] += scale_p z[t, p, :r] B_p^T through the page tables (expand).
+
+        z: [T, NPROJ, R_MAX] float32 from lora_shrink; y: [T, N_total] the fused projection's
+        output, added to in place at the group's out_offsets."""
+        args = (z, pool, layer, lora.token_slots, lora.page_tables, group.ranks, group.b_offsets, group.scales, y,
+                group.out_offsets, group.out_sizes)
+        if self.use_kernels:
+            self._expand(*args, meta=lora.kernel_meta)
+        else:
+            reference.lora_expand(*args)
