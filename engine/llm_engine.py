@@ -19,6 +19,7 @@ from engine.model_runner import ModelRunner, SampledTokens
 from engine.page_manager import PageManager
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.sampler import TokenLogprobs
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
 
@@ -182,15 +183,16 @@ class LLMEngine:
     def _collect(self, launched: SampledTokens) -> list[RequestOutput]:
         """Wait for a launched step's tokens and turn them into deltas."""
         tokens = launched.get()
+        logprobs = launched.get_logprobs()
         now = time.monotonic()
         outputs: list[RequestOutput] = []
-        for seq, token in zip(launched.seqs, tokens):
+        for seq, token, token_logprobs in zip(launched.seqs, tokens, logprobs):
             seq.num_pending -= 1
             if seq.is_finished:  # ended (or aborted) while this step ran
                 continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            self._append_token(seq, token)
+            self._append_token(seq, token, token_logprobs)
             self.stats.generation_tokens_total += 1
             if seq.is_finished:
                 self._finish(seq)
@@ -242,9 +244,15 @@ class LLMEngine:
         return EngineStats(**vars(s))
 
     # --- per-sequence bookkeeping -----------------------------------------------------------
-    def _append_token(self, seq: Sequence, token: int) -> None:
+    def _append_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
         p = seq.params
         seq.output_token_ids.append(token)
+        if logprobs is not None:
+            seq.output_logprobs.append({token: logprobs.logprob, **dict(zip(logprobs.top_ids, logprobs.top_logprobs))})
+            # as vLLM: a sampled token among the most likely takes its rank there
+            seq.output_logprob_ranks.append({token: logprobs.rank,
+                                             **{t: rank for rank, t in enumerate(logprobs.top_ids, 1)}})
+            seq.cumulative_logprob += logprobs.logprob
         num_out = len(seq.output_token_ids)
         new_text = seq.detokenizer.add(token)
         seq.output_text += new_text
@@ -275,6 +283,11 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=len(seq.output_token_ids),
         )
+        if seq.params.logprobs is not None:
+            out.logprobs = seq.output_logprobs[seq.num_sent_tokens:]
+            out.logprob_ranks = seq.output_logprob_ranks[seq.num_sent_tokens:]
+            out.token_texts = {t: _token_text(seq, t) for entry in out.logprobs for t in entry}
+            out.cumulative_logprob = seq.cumulative_logprob
         seq.num_sent_chars, seq.num_sent_tokens = end, len(seq.output_token_ids)
         return out
 
@@ -289,3 +302,11 @@ class LLMEngine:
         if seq.lora is not None and not seq.lora_released:
             self.lora.release(seq.lora.name)
             seq.lora_released = True
+
+
+def _token_text(seq: Sequence, token_id: int) -> str:
+    """The text of one token alone (vLLM's decoded_token), remembered per request."""
+    text = seq.token_texts.get(token_id)
+    if text is None:
+        text = seq.token_texts[token_id] = seq.detokenizer.decode([token_id], False)
+    return text

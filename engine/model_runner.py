@@ -14,7 +14,7 @@ from engine.lora_batch import LoRABatch
 from engine.model import AttentionMetadata, Transformer
 from engine.ops import Ops, to_device
 from engine.page_manager import PageManager
-from engine.sampler import sample
+from engine.sampler import StepLogprobs, TokenLogprobs, sample
 from engine.scheduler import StepPlan
 from engine.step_inputs import StepInputs, prepare
 
@@ -22,20 +22,25 @@ logger = logging.getLogger("multilora")
 
 
 class SampledTokens:
-    """The tokens of one launched step, on their way to the host.
+    """The tokens of one launched step, on their way to the host, with their log probabilities
+    for the requests that asked.
 
-    On CUDA they are copied into a pinned buffer behind an event, so launching the step does not
+    On CUDA they are copied into pinned buffers behind one event, so launching the step does not
     wait for it; ``get`` does. ``seqs``: the sequences that sampled, in row order.
     """
 
-    def __init__(self, seqs: list, tokens: torch.Tensor, host: torch.Tensor | None) -> None:
+    def __init__(self, seqs: list, tokens: torch.Tensor, host: torch.Tensor | None,
+                 logprobs: StepLogprobs | None = None) -> None:
         self.seqs = seqs
         self._event = None
+        self._logprobs = logprobs
         if host is None:
             self._host = tokens
         else:
             self._host = host[:tokens.shape[0]]
             self._host.copy_(tokens, non_blocking=True)
+            if logprobs is not None:
+                self._logprobs = StepLogprobs(logprobs.rows, _to_pinned(logprobs.values), _to_pinned(logprobs.ids))
             self._event = torch.cuda.Event()
             self._event.record()
 
@@ -43,6 +48,23 @@ class SampledTokens:
         if self._event is not None:
             self._event.synchronize()
         return self._host.tolist()
+
+    def get_logprobs(self) -> list[TokenLogprobs | None]:
+        """One per row, after ``get``: None where the request did not ask for logprobs."""
+        out: list[TokenLogprobs | None] = [None] * len(self.seqs)
+        lp = self._logprobs
+        if lp is None:
+            return out
+        for row, values, ids in zip(lp.rows, lp.values.tolist(), lp.ids.tolist()):
+            k = self.seqs[row].params.logprobs
+            out[row] = TokenLogprobs(values[0], ids[0], ids[1:k + 1], values[1:k + 1])
+        return out
+
+
+def _to_pinned(device_tensor: torch.Tensor) -> torch.Tensor:
+    # PyTorch's pinned-memory allocator reuses a buffer only once the copies into it are done
+    host = torch.empty(device_tensor.shape, dtype=device_tensor.dtype, pin_memory=True)
+    return host.copy_(device_tensor, non_blocking=True)
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -202,11 +224,11 @@ class ModelRunner:
             logits = self._forward_eager(step)
         if not sampling_seqs:
             return SampledTokens([], torch.zeros(0, dtype=torch.int64), None)
-        tokens = sample(logits, sampling_seqs, eos_token_ids, self.generator)
+        tokens, logprobs = sample(logits, sampling_seqs, eos_token_ids, self.generator)
         self.token_buf[:tokens.shape[0]].copy_(tokens)
         host = None if self._host_tokens is None else self._host_tokens[self._num_launched % 2]
         self._num_launched += 1
-        return SampledTokens(sampling_seqs, tokens, host)
+        return SampledTokens(sampling_seqs, tokens, host, logprobs)
 
     def _forward_eager(self, step: StepInputs) -> torch.Tensor:
         """Logits [N, V] of the sampling sequences, the step's inputs sent to the device as they are."""

@@ -7,13 +7,17 @@ from typing import Any
 
 from engine.errors import InvalidRequestError
 
+MAX_LOGPROBS = 20  # most likely tokens returned per position at most (vLLM's default max_logprobs)
+
 
 @dataclass
 class SamplingParams:
     """How to pick tokens for one request (names as in vLLM).
 
     temperature == 0 means greedy. ``seed`` gives the request its own random generator, so the
-    same seed yields the same tokens whatever else shares the batch.
+    same seed yields the same tokens whatever else shares the batch. ``logprobs=k`` returns the
+    log probability of each sampled token and of the k most likely tokens at its position, from
+    the model's raw logits (before temperature, top-k and top-p); None returns none.
     """
 
     max_tokens: int | None = None  # None: the engine's default_max_tokens, clipped to the context
@@ -26,6 +30,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -42,6 +47,10 @@ class SamplingParams:
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
         _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                         and 0 <= self.logprobs <= MAX_LOGPROBS),
+               f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (the number of most likely tokens returned "
+               f"beside each sampled token), got {self.logprobs!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -66,7 +75,7 @@ class SamplingParams:
         return cls(**kwargs)
 
 
-_INT_KEYS = {"max_tokens", "min_tokens", "top_k", "seed"}
+_INT_KEYS = {"max_tokens", "min_tokens", "top_k", "seed", "logprobs"}
 _FLOAT_KEYS = {"temperature", "top_p"}
 _BOOL_KEYS = {"ignore_eos", "skip_special_tokens"}
 
@@ -74,7 +83,7 @@ _BOOL_KEYS = {"ignore_eos", "skip_special_tokens"}
 def _coerce(key: str, value: Any) -> Any:
     try:
         if value is None:
-            return None if key in ("seed", "max_tokens") else _fail(key, value)
+            return None if key in ("seed", "max_tokens", "logprobs") else _fail(key, value)
         if key in _INT_KEYS:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 _fail(key, value)

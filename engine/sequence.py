@@ -41,6 +41,12 @@ class Sequence:
     num_sent_tokens: int = 0
     num_sent_chars: int = 0
     detokenizer: Any = None
+    # params.logprobs set: per output token, {token id: logprob} and {token id: rank} of the sampled
+    # token and the k most likely; the text of the token ids seen there; the sampled tokens' sum
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    output_logprob_ranks: list[dict[int, int]] = field(default_factory=list)
+    token_texts: dict[int, str] = field(default_factory=dict)
+    cumulative_logprob: float = 0.0
 
     @property
     def all_token_ids(self) -> list[int]:

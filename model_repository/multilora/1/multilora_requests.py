@@ -3,9 +3,11 @@
 Everything wrong with a request raises ``InvalidRequestError`` naming the input or parameter at
 fault (the model answers it with INVALID_ARG). What only the engine can judge (prompt length,
 max_tokens against the context, whether an adapter exists) is left to ``add_request``.
+``logprobs_json`` writes the ``logprobs`` output in the layout of Triton's vLLM backend.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -14,13 +16,15 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from engine.errors import InvalidRequestError
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 # Request parameters that are transport or model-input settings, never sampling parameters
 # (used when sampling parameters come from the request parameters, as in the generate endpoint).
 _TRANSPORT_PARAMETERS = frozenset({
     "lora_name", "stream", "exclude_input_in_output", "return_finish_reason",
-    "return_num_input_tokens", "return_num_output_tokens", "binary_data_output", "priority",
+    "return_num_input_tokens", "return_num_output_tokens", "return_logprobs", "return_cumulative_logprob",
+    "binary_data_output", "priority",
     "timeout", "sequence_id", "sequence_start", "sequence_end", "headers",
 })
 
@@ -36,12 +40,22 @@ class ParsedRequest:
     return_finish_reason: bool = False
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
+    return_logprobs: bool = False
+    return_cumulative_logprob: bool = False
+    # sampling_parameters asked for logprobs; without, the logprobs output is JSON null (as in the
+    # vLLM backend) although params.logprobs is 0 when return_cumulative_logprob needs the sum
+    has_logprobs: bool = False
     # outputs the client asked for (empty: all). Only these are built: Triton <= 24.12 drops the
     # others in ResponseSender.send without holding the GIL, which crashes the stub under load.
     outputs: frozenset[str] = frozenset()
 
     def wants(self, output_name: str) -> bool:
         return not self.outputs or output_name in self.outputs
+
+    def logprobs_output(self, output: RequestOutput) -> str:
+        """The logprobs output of one response (``logprobs_json``); null without sampling_parameters
+        logprobs, whatever the engine computed for return_cumulative_logprob."""
+        return logprobs_json(output) if self.has_logprobs else "null"
 
 
 def parse_request(request: Any) -> ParsedRequest:
@@ -61,6 +75,13 @@ def parse_request(request: Any) -> ParsedRequest:
                     if k not in _TRANSPORT_PARAMETERS and not k.startswith("triton_")}
     lora_name = _resolve_adapter(_string_input(request, "lora_name"), sampling, request_parameters)
     params = SamplingParams.from_dict(sampling, ignore=("lora_name",))
+    has_logprobs = params.logprobs is not None
+    return_logprobs = _bool_input(request, "return_logprobs")
+    return_cumulative_logprob = _bool_input(request, "return_cumulative_logprob")
+    if return_cumulative_logprob and not has_logprobs:  # the sampled tokens' logprobs only
+        params = dataclasses.replace(params, logprobs=0)
+    elif has_logprobs and not (return_logprobs or return_cumulative_logprob):  # no output would carry them
+        params = dataclasses.replace(params, logprobs=None)
     return ParsedRequest(
         prompt=prompt,
         prompt_token_ids=token_ids,
@@ -71,6 +92,9 @@ def parse_request(request: Any) -> ParsedRequest:
         return_finish_reason=_bool_input(request, "return_finish_reason"),
         return_num_input_tokens=_bool_input(request, "return_num_input_tokens"),
         return_num_output_tokens=_bool_input(request, "return_num_output_tokens"),
+        return_logprobs=return_logprobs,
+        return_cumulative_logprob=return_cumulative_logprob,
+        has_logprobs=has_logprobs,
         outputs=frozenset(request.requested_output_names() if hasattr(request, "requested_output_names") else ()),
     )
 
@@ -163,3 +187,17 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidRequestError(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def logprobs_json(output: RequestOutput) -> str:
+    """The ``logprobs`` output of one response, as Triton's vLLM backend writes it: a JSON list
+    with one object per token of this response, ``{"<token id>": {"logprob": float, "rank": int,
+    "decoded_token": str}}`` for the sampled token and the most likely ones; ``null`` when the
+    request did not ask (no ``logprobs`` in sampling_parameters)."""
+    if output.logprobs is None:
+        return "null"
+    texts = output.token_texts or {}
+    return json.dumps([
+        {str(token_id): {"logprob": logprob, "rank": ranks[token_id], "decoded_token": texts.get(token_id, "")}
+         for token_id, logprob in entry.items()}
+        for entry, ranks in zip(output.logprobs, output.logprob_ranks or [])])
