@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.serving_workload import (SLO_TTFT_S, RequestRecord, WorkloadRequest, generate_workload,
-                                    summarize)
+                                    summarize, window_token_throughputs)
 from multilora_serve.launcher import DEFAULT_MODEL_REPOSITORY, TritonServer
 
 MODEL_NAME = "multilora"
@@ -332,13 +332,13 @@ def run_path(path: str, configs: list[Config], workloads: dict[Config, list[Work
         stats = lambda: engine_stats(engine)  # noqa: E731
         run = lambda wl, stop, rid: direct_run(engine, wl, stop, rid)  # noqa: E731
     try:
-        log(f"[{path}] started in {time.monotonic() - t_start:.1f} s; warming up")
+        log(f"[{path}] started in {time.monotonic() - t_start:.1f} s" + ("; warming up" if warmup else ""))
         t = time.monotonic()
-        records, _, _ = asyncio.run(run(warmup, 120.0, "warmup"))
+        records, _, _ = asyncio.run(run(warmup, 120.0, "warmup")) if warmup else ([], 0.0, 0.0)
         bad = [r.error for r in records if not r.finished]
         log(f"[{path}] warm-up: {len(records) - len(bad)}/{len(records)} finished in {time.monotonic() - t:.1f} s"
             + (f"; first error: {bad[0]}" if bad else ""))
-        if not any(r.chunks for r in records):  # nothing works: do not spend the budget on it
+        if warmup and not any(r.chunks for r in records):  # nothing works: do not spend the budget on it
             tail = f"\n{server.log_tail(40)}" if server is not None else ""
             raise RuntimeError(f"the warm-up produced no tokens (first error: {bad[0] if bad else None}){tail}")
         wait_idle(stats)
@@ -365,7 +365,12 @@ def run_path(path: str, configs: list[Config], workloads: dict[Config, list[Work
             # or only the delivery of its tokens (Triton's counter lags by up to 0.1 s)
             summary["engine_steps_per_s"] = (at_end["engine_steps"] - before["engine_steps"]) / max(end - start, 1e-9)
             summary["idle_after"] = idle
+            if args.window:
+                summary["token_throughput_windows"] = window_token_throughputs(records, start, end, args.window)
             results.append({"path": path, "config": vars(config) | {"label": config.label}, "summary": summary})
+            if args.window:
+                log(f"[{path}] {config.label}: tokens/s per {args.window:g} s window: "
+                    + ", ".join(f"{v:.0f}" for v in summary["token_throughput_windows"]))
             log(f"[{path}] {config.label}: {summary['num_finished']}/{summary['num_sent']} finished, "
                 f"{summary['request_throughput']:.2f} req/s, {summary['token_throughput']:.0f} tok/s, "
                 f"TTFT p50 {fmt(summary['ttft_ms']['p50'])} ms, send lateness p99 "
@@ -416,8 +421,13 @@ def targets(results: list[dict]) -> dict:
             key = f"{suite} n={n} {rate:g} req/s"
             out[f"triton/direct token throughput, {key}"] = (
                 s["token_throughput"] / d["token_throughput"] if d["token_throughput"] else None)
-            if s["ttft_ms"]["p50"] is not None and d["ttft_ms"]["p50"] is not None:
-                out[f"triton - direct median TTFT ms, {key}"] = s["ttft_ms"]["p50"] - d["ttft_ms"]["p50"]
+            out[f"triton/direct request throughput, {key}"] = (
+                s["request_throughput"] / d["request_throughput"] if d["request_throughput"] else None)
+            if s.get("engine_steps_per_s") and d.get("engine_steps_per_s"):
+                out[f"triton/direct engine steps/s, {key}"] = s["engine_steps_per_s"] / d["engine_steps_per_s"]
+            for name in ("ttft_ms", "itl_ms"):
+                if s[name]["p50"] is not None and d[name]["p50"] is not None:
+                    out[f"triton - direct median {name[:-3].upper()} ms, {key}"] = s[name]["p50"] - d[name]["p50"]
         if path == "triton":
             smaller = [k for k in rows if k[0] == path and k[1] == suite and k[3] == rate and k[2] < n]
             if smaller:
@@ -460,6 +470,10 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=450.0,
                     help="seconds for the whole run; configurations that would overrun it are skipped")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="no untimed warm-up before the first configuration (cold-start runs)")
+    ap.add_argument("--window", type=float, default=0.0,
+                    help="also report tokens/s per window of this many seconds (cold-start runs)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     t_begin = time.monotonic()
@@ -499,8 +513,8 @@ def main() -> None:
         workloads = {c: generate_workload(c.num_adapters, args.alpha, c.rate, args.cv, args.duration,
                                           names[c.suite], tuple(args.input_range), tuple(args.output_range),
                                           vocab, seed=args.seed) for c in configs}
-        warmup = warmup_workload(names["warmup"], vocab, tuple(args.input_range),
-                                 int(engine_args.get("max_num_seqs", args.max_num_seqs)))
+        warmup = [] if args.no_warmup else warmup_workload(
+            names["warmup"], vocab, tuple(args.input_range), int(engine_args.get("max_num_seqs", args.max_num_seqs)))
         results: list[dict] = []
         paths = args.paths.split(",")
         for i, path in enumerate(paths):

@@ -96,6 +96,19 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
 
 
+def window_token_throughputs(records: Sequence[RequestRecord], start: float, end: float,
+                             window_s: float) -> list[float]:
+    """Generated tokens per second in consecutive windows of ``window_s`` from ``start`` (the last
+    window may be shorter; a cold start shows as a first window slower than the next)."""
+    edges = list(np.arange(start, end, window_s)) + [end]
+    counts = [0] * (len(edges) - 1)
+    for record in records:
+        for at, num_tokens in record.chunks:
+            if start <= at < end:
+                counts[min(int((at - start) // window_s), len(counts) - 1)] += num_tokens
+    return [c / (b - a) for c, a, b in zip(counts, edges, edges[1:]) if b > a]
+
+
 def summarize(records: Sequence[RequestRecord], start: float, end: float, slo_ttft_s: float = SLO_TTFT_S) -> dict:
     """Figures of one run whose requests were sent from ``start`` and whose measurement stopped
     at ``end`` (requests still running then were cancelled).

@@ -7,7 +7,7 @@
 # Why (docs/../TOOLCHAIN.md, "The GPU machine in practice"): the Python backend's stub needs
 # numpy < 2 while the image has numpy 2.x, and the stub takes its packages from the venv of the
 # first python3 on PATH (our launcher puts sys.prefix/bin first). So V is a venv without pip
-# whose site-packages hold numpy 1.26.4, tritonclient, python-rapidjson and the server files as
+# whose site-packages hold numpy 1.26.4, tritonclient, python-rapidjson, pyzmq, msgspec and the server files as
 # a package `pytriton` (only what multilora_serve.launcher uses:
 # tritonserver/{bin,backends,caches}, the 3.12 backend stub, nvidia_pytriton.libs without the
 # Python 3.13 library), plus a .pth that appends the image's site-packages (torch,
@@ -43,7 +43,8 @@ pack() {
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 \
-        -d "$WHL" numpy==1.26.4 python-rapidjson==1.25 tritonclient==2.73.0 ml-dtypes==0.5.4
+        -d "$WHL" numpy==1.26.4 python-rapidjson==1.25 tritonclient==2.73.0 ml-dtypes==0.5.4 \
+        pyzmq==27.3.0 msgspec==0.23.0
     du -ch "$WHL"/*
 }
 
@@ -56,7 +57,8 @@ install() {
     local site
     site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     "$image_python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target "$site" "$WHL"/numpy-*.whl "$WHL"/python_rapidjson-*.whl "$WHL"/tritonclient-*.whl "$WHL"/ml_dtypes-*.whl
+        --target "$site" "$WHL"/numpy-*.whl "$WHL"/python_rapidjson-*.whl "$WHL"/tritonclient-*.whl "$WHL"/ml_dtypes-*.whl \
+        "$WHL"/pyzmq-*.whl "$WHL"/msgspec-*.whl
     "$image_python" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$ARCHIVE" "$site"
     # The image's packages, after V's own, less those built for numpy 2 that nothing here needs:
     # with numpy 1.26 first, `from transformers import AutoTokenizer` failed on the GPU machine
@@ -95,6 +97,7 @@ assert numpy.__version__.startswith("1."), numpy.__file__
 try:
     from transformers import AutoTokenizer  # noqa: F401  (what the engine imports)
     import engine.async_engine  # noqa: F401
+    import engine.core_client  # noqa: F401  (pyzmq, msgspec: the engine process's IPC)
 except Exception as error:  # the cause chain names the package that broke
     traceback.print_exception(error)
     sys.exit(1)

@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench.serving_workload import (RequestRecord, WorkloadRequest, generate_workload,  # noqa: E402
-                                    power_law_probs, summarize)
+                                    power_law_probs, summarize, window_token_throughputs)
 
 NAMES = [f"a{i}" for i in range(2000)]
 
@@ -109,3 +109,10 @@ def test_summary_figures():
     late = summarize([_record(9.5, [(9.6, 1)])], start=0.0, end=10.0)
     assert late["slo_attainment"] == 1.0
     assert s["responses_per_token"] == pytest.approx(4 / 6)
+
+
+def test_window_token_throughputs():
+    records = [_record(0.0, [(1.0, 10), (5.9, 2), (6.0, 6), (11.5, 3)]), _record(1.0, [(2.0, 4), (12.5, 100)])]
+    # windows [0, 6), [6, 12), [12, 13): 16 tokens, 9 tokens, none (12.5 is past the end)
+    assert window_token_throughputs(records, 0.0, 12.5, 6.0) == pytest.approx([16 / 6, 9 / 6, 0.0])
+    assert window_token_throughputs(records, 0.0, 12.0, 6.0) == pytest.approx([16 / 6, 9 / 6])
