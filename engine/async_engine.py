@@ -101,7 +101,9 @@ class AsyncEngine:
         it. Only the caller's thread tokenizes (an HF tokenizer is not safe across threads)."""
         if self.failed is not None:
             raise EngineError(f"the engine has stopped after an internal error ({self.failed})")
-        if self.stats().num_waiting + self._commands.qsize() >= self.config.max_waiting_requests:
+        # The one queue limit of the serving path (the offline API queues everything it is given):
+        # waiting in the scheduler, handed over, or waiting for its adapter to load.
+        if self.stats().num_waiting + self._commands.qsize() + len(self._loading) >= self.config.max_waiting_requests:
             raise EngineOverloadedError(
                 f"{self.config.max_waiting_requests} requests are already waiting (max_waiting_requests); "
                 "try again later")

@@ -13,10 +13,11 @@ from transformers import AutoTokenizer
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.engine_stats import EngineStats
-from engine.errors import EngineOverloadedError, InvalidRequestError
+from engine.errors import InvalidRequestError
 from engine.lora_manager import LoRAManager
 from engine.model_runner import ModelRunner, SampledTokens
 from engine.page_manager import PageManager
+from engine.request_checks import check_prompt
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sampler import TokenLogprobs
@@ -73,8 +74,7 @@ class LLMEngine:
     def make_sequence(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
                       params: SamplingParams, lora_name: str | None) -> Sequence:
         """Validate and tokenize a request, and take a reference on its adapter. Thread-safe."""
-        if (prompt is None) == (prompt_token_ids is None):
-            raise InvalidRequestError("give exactly one of text_input (prompt) and input_ids (prompt_token_ids)")
+        check_prompt(prompt, prompt_token_ids)
         if prompt is not None:
             ids = self.tokenizer(prompt)["input_ids"]
         else:
@@ -116,10 +116,6 @@ class LLMEngine:
         if seq.request_id in self.seqs:
             self.release(seq)
             raise InvalidRequestError(f"request id {seq.request_id!r} is already in use")
-        if len(self.scheduler.waiting) >= self.config.max_waiting_requests:
-            self.release(seq)
-            raise EngineOverloadedError(f"the engine has {len(self.scheduler.waiting)} requests waiting "
-                                        f"(max_waiting_requests); try again later")
         self.seqs[seq.request_id] = seq
         self.scheduler.add(seq)
 

@@ -13,17 +13,10 @@ import torch
 
 from engine.adapters import PackedAdapter, read_adapter
 from engine.config import ModelConfig
-from engine.errors import AdapterNotFoundError, InvalidRequestError
+from engine.errors import AdapterNotFoundError
+from engine.request_checks import check_adapter_name
 
 logger = logging.getLogger("multilora")
-
-
-def check_adapter_name(name: str) -> None:
-    """A plain name: no path separators, no '..', no leading dot, no spaces."""
-    if (not name or "/" in name or "\\" in name or ".." in name or name.startswith(".")
-            or any(ch.isspace() or ord(ch) < 32 for ch in name)):
-        raise InvalidRequestError(
-            f"lora_name {name!r} is not a plain adapter name (no path separators, '..', leading dots or spaces)")
 
 
 @dataclass

@@ -10,7 +10,8 @@ from safetensors.torch import load_file, save_file
 from engine.adapters import load_adapter, pack_adapter, read_adapter
 from engine.config import ModelConfig
 from engine.errors import AdapterLoadError, AdapterNotFoundError, InvalidRequestError
-from engine.lora_manager import LoRAManager, check_adapter_name
+from engine.lora_manager import LoRAManager
+from engine.request_checks import check_adapter_name
 from helpers import write_adapter, write_checkpoint
 
 
