@@ -5,6 +5,10 @@
 #   tools/gpu_bench.sh engine    # GPU tests, a profiled decode step, bench/engine.py, bench/peers.py
 #   tools/gpu_bench.sh serving   # bench/serving.py (S1 through tritonserver and engine-direct); carry .whl
 #                                # (filled here by tools/gpu_triton_setup.sh pack)
+#   tools/gpu_bench.sh checks    # GPU tests, then tools/gpu_faults.py (engine and launcher killed); carry .whl
+#   tools/gpu_bench.sh saturation  # bench/serving.py at 30 and 40 req/s, n = 2000, both paths; carry .whl
+#   tools/gpu_bench.sh coldstart # an empty kernel cache: start-up, then 120 s of S1 through tritonserver in
+#                                # two windows, and tools/check_warm_start.py; carry .whl
 #
 # Each step has its own time limit, so one that hangs does not take the others' time.
 set -uo pipefail
@@ -39,12 +43,33 @@ case "${1:-}" in
         step 150 kernel_cache_warmup /tmp/multilora-venv/bin/python bench/serving.py --paths direct \
             --configs s1:2000:20 --duration 10 --grace 3 --time-budget 140
         export MULTILORA_FAULTHANDLER="$OUT/stub_stacks.txt"
-        step 420 serving /tmp/multilora-venv/bin/python bench/serving.py --duration 30 --grace 8 --time-budget 400 \
-            --json "$OUT/bench_serving_h100.json" --server-log "$OUT/tritonserver.log"
+        step 420 serving /tmp/multilora-venv/bin/python bench/serving.py --configs s1:5:20,s1:2000:20 \
+            --duration 30 --grace 8 --time-budget 400 \
+            --json "$OUT/bench_serving_h200.json" --server-log "$OUT/tritonserver.log"
         gzip -f "$OUT/tritonserver.log"
         ;;
+    checks)
+        tools/gpu_triton_setup.sh install /tmp/multilora-venv > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
+        step 200 gpu_tests python -m pytest -q -x -m gpu tests/kernels tests/fidelity/test_gpu_fp16.py -p no:cacheprovider
+        step 90 gpu_engine_tests python -m pytest -q -x tests/unit/test_async_scheduling.py tests/unit/test_logprobs.py \
+            tests/unit/test_decode_graphs.py -p no:cacheprovider
+        step 240 faults /tmp/multilora-venv/bin/python tools/gpu_faults.py --json "$OUT/faults_h200.json"
+        ;;
+    saturation)
+        tools/gpu_triton_setup.sh install /tmp/multilora-venv > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
+        step 540 saturation /tmp/multilora-venv/bin/python bench/serving.py --configs s1:2000:30,s1:2000:40 \
+            --duration 25 --grace 6 --time-budget 520 --json "$OUT/bench_saturation_h200.json"
+        ;;
+    coldstart)
+        tools/gpu_triton_setup.sh install /tmp/multilora-venv > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
+        export TRITON_CACHE_DIR=$(mktemp -d)  # empty: every kernel compiles in this run
+        step 330 coldstart /tmp/multilora-venv/bin/python bench/serving.py --paths triton --configs s1:2000:20 \
+            --no-warmup --duration 120 --grace 5 --window 60 --time-budget 320 --json "$OUT/bench_coldstart_h200.json"
+        export TRITON_CACHE_DIR=$(mktemp -d)
+        step 240 warm_start python tools/check_warm_start.py --seconds 30
+        ;;
     *)
-        echo "usage: $0 engine|serving" >&2
+        echo "usage: $0 engine|serving|checks|saturation|coldstart" >&2
         exit 2
         ;;
 esac
