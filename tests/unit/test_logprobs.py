@@ -3,7 +3,6 @@ tokens at its position, from the raw logits (before temperature, top-k, top-p, m
 teacher-forced against Hugging Face Transformers + PEFT (float32, CPU) on the embedded demo model."""
 import os
 
-import msgspec
 import pytest
 import torch
 from peft import PeftModel
@@ -21,12 +20,14 @@ from engine.sequence import Sequence
 DEMO = os.path.join(os.path.dirname(__file__), "..", "..", "demo")
 BASE = os.path.join(DEMO, "base")
 ADAPTERS = {name: os.path.join(DEMO, "adapters", name) for name in ("upper", "reverse")}
-TOL = 1e-4  # absolute, on float32 logprobs
+# absolute, on float32 logprobs; CUDA: the Triton kernels' float32 matmuls
+TOL = {"cpu": 1e-4, "cuda": 1e-4}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
-@pytest.fixture(scope="module")
-def llm():
-    return LLM(model=BASE, adapters=ADAPTERS, dtype="float32", device="cpu", max_num_seqs=8)
+@pytest.fixture(scope="module", params=DEVICES)
+def llm(request):
+    return LLM(model=BASE, adapters=ADAPTERS, dtype="float32", device=request.param, max_num_seqs=8, num_pages=256)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,10 @@ def hf():
     model = PeftModel.from_pretrained(model, ADAPTERS["upper"], adapter_name="upper")
     model.load_adapter(ADAPTERS["reverse"], adapter_name="reverse")
     return model.eval()
+
+
+def tol(llm) -> float:
+    return TOL[llm.engine.runner.device.type]
 
 
 def hf_logprobs(hf, prompt_ids: list[int], output_ids: list[int], lora_name: str | None) -> torch.Tensor:
@@ -51,26 +56,26 @@ def hf_logprobs(hf, prompt_ids: list[int], output_ids: list[int], lora_name: str
     return torch.log_softmax(logits[0, n - 1:n - 1 + len(output_ids)].float(), dim=-1)
 
 
-def check_against(reference: torch.Tensor, out: RequestOutput, k: int) -> None:
+def check_against(reference: torch.Tensor, out: RequestOutput, k: int, tol: float = TOL["cpu"]) -> None:
     assert len(out.logprobs) == len(out.logprob_ranks) == len(out.token_ids) > 0
     total = 0.0
     for pos, (token, entry, ranks) in enumerate(zip(out.token_ids, out.logprobs, out.logprob_ranks)):
         ref = reference[pos]
         assert list(entry)[0] == token  # the sampled token first
-        assert entry[token] == pytest.approx(ref[token].item(), abs=TOL)
+        assert entry[token] == pytest.approx(ref[token].item(), abs=tol)
         assert ranks[token] == int((ref >= ref[token]).sum())
         top = ref.topk(k)
         others = [t for t in entry if t != token]
         assert len(entry) == k + (token not in top.indices.tolist())
         assert set(entry) - {token} <= set(top.indices.tolist())
         for rank, (t, value) in enumerate(zip(top.indices.tolist(), top.values.tolist()), 1):
-            assert entry[t] == pytest.approx(value, abs=TOL)
+            assert entry[t] == pytest.approx(value, abs=tol)
             assert ranks[t] == rank
         assert others == [t for t in top.indices.tolist() if t != token]  # most likely first
         total += entry[token]
     assert out.cumulative_logprob == pytest.approx(total, abs=1e-9)
-    assert out.cumulative_logprob == pytest.approx(reference.gather(1, torch.tensor(out.token_ids)[:, None]).sum().item(),
-                                                   abs=TOL * len(out.token_ids))
+    sampled = reference.gather(1, torch.tensor(out.token_ids)[:, None])
+    assert out.cumulative_logprob == pytest.approx(sampled.sum().item(), abs=tol * len(out.token_ids))
 
 
 @pytest.mark.parametrize("lora_name", [None, "upper", "reverse"])
@@ -79,7 +84,7 @@ def test_greedy_logprobs_match_hf_teacher_forced(llm, hf, lora_name):
     prompt = "hello world"
     out, = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, logprobs=k), lora_names=[lora_name])
     assert out.text == {None: "hello world", "upper": "HELLO WORLD", "reverse": "dlrow olleh"}[lora_name]
-    check_against(hf_logprobs(hf, out.prompt_token_ids, out.token_ids, lora_name), out, k)
+    check_against(hf_logprobs(hf, out.prompt_token_ids, out.token_ids, lora_name), out, k, tol(llm))
     for entry, ranks in zip(out.logprobs, out.logprob_ranks):
         assert ranks[next(iter(entry))] == 1  # greedy: the sampled token is the most likely
     # each token's text alone; the sampled ones spell the output (a byte-level vocabulary)
@@ -95,11 +100,11 @@ def test_sampled_logprobs_are_raw_whatever_temperature_top_k_top_p_min_tokens(ll
                             logprobs=k)
     out, = llm.generate(["abc"], params, lora_names=["reverse"])
     reference = hf_logprobs(hf, out.prompt_token_ids, out.token_ids, "reverse")
-    check_against(reference, out, k)
+    check_against(reference, out, k, tol(llm))
     # min_tokens kept EOS from being sampled, yet its raw logprob is reported where it is likely
     eos = llm.engine.eos_token_ids[0]
     assert eos not in out.token_ids
-    assert any(eos in entry and entry[eos] == pytest.approx(reference[pos, eos].item(), abs=TOL)
+    assert any(eos in entry and entry[eos] == pytest.approx(reference[pos, eos].item(), abs=tol(llm))
                for pos, entry in enumerate(out.logprobs))
 
 
@@ -109,8 +114,8 @@ def test_k_zero_and_max(llm, hf):
                              lora_names=["upper", "upper"])
     assert all(list(entry) == [t] for entry, t in zip(zero.logprobs, zero.token_ids))
     reference = hf_logprobs(hf, zero.prompt_token_ids, zero.token_ids, "upper")
-    check_against(reference, zero, 0)
-    check_against(reference, top, MAX_LOGPROBS)
+    check_against(reference, zero, 0, tol(llm))
+    check_against(reference, top, MAX_LOGPROBS, tol(llm))
     assert zero.cumulative_logprob == pytest.approx(top.cumulative_logprob, abs=1e-6)
 
 
@@ -123,7 +128,7 @@ def test_mixed_batch_only_askers_get_logprobs_each_their_own_k(llm, hf):
         if p.logprobs is None:
             assert out.logprobs is out.logprob_ranks is out.token_texts is out.cumulative_logprob is None
         else:
-            check_against(hf_logprobs(hf, out.prompt_token_ids, out.token_ids, name), out, p.logprobs)
+            check_against(hf_logprobs(hf, out.prompt_token_ids, out.token_ids, name), out, p.logprobs, tol(llm))
     # asking changes no token
     alone = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10), lora_names=names)
     assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
@@ -142,11 +147,11 @@ def test_a_step_where_nobody_asks_computes_nothing():
     assert logprobs.ids[0].tolist() == [1] + expected.topk(2).indices.tolist()
 
 
-def run_engine(async_scheduling: bool, decode_graphs: str, requests) -> dict[str, RequestOutput]:
+def run_engine(async_scheduling: bool, decode_graphs: str, requests, device: str = "cpu") -> dict[str, RequestOutput]:
     """Streams every request through LLMEngine.step, joining the deltas."""
-    engine = LLMEngine(EngineConfig(model=BASE, dtype="float32", device="cpu", max_num_seqs=4, block_size=4,
-                                    max_num_batched_tokens=16, async_scheduling=async_scheduling,
-                                    decode_graphs=decode_graphs), ADAPTERS)
+    config = EngineConfig(model=BASE, dtype="float32", device=device, num_pages=256, max_num_seqs=4, block_size=4,
+                          max_num_batched_tokens=16, async_scheduling=async_scheduling, decode_graphs=decode_graphs)
+    engine = LLMEngine(config, ADAPTERS)
     results = {}
     for rid, prompt, params, name in requests:
         engine.add(engine.make_sequence(rid, prompt, None, params, name))
@@ -163,8 +168,9 @@ def run_engine(async_scheduling: bool, decode_graphs: str, requests) -> dict[str
     return results
 
 
-@pytest.mark.parametrize("decode_graphs", ["off", "static"])
-def test_async_scheduling_gives_the_same_logprobs_as_sync(hf, decode_graphs):
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("decode_graphs", ["off", "static", "auto"])  # auto: captured graphs on CUDA
+def test_async_scheduling_gives_the_same_logprobs_as_sync(hf, decode_graphs, device):
     requests = [
         ("greedy", "hello", SamplingParams(temperature=0, max_tokens=20, logprobs=4), "upper"),
         ("plain", "hello", SamplingParams(temperature=0, max_tokens=20), "reverse"),
@@ -174,8 +180,8 @@ def test_async_scheduling_gives_the_same_logprobs_as_sync(hf, decode_graphs):
         ("later", "queued prompt", SamplingParams(temperature=0, max_tokens=9, logprobs=0), "reverse"),
         ("wide", "mixed", SamplingParams(temperature=0, max_tokens=9, logprobs=MAX_LOGPROBS), "upper"),
     ]
-    sync = run_engine(False, decode_graphs, requests)
-    overlapped = run_engine(True, decode_graphs, requests)
+    sync = run_engine(False, decode_graphs, requests, device)
+    overlapped = run_engine(True, decode_graphs, requests, device)
     for rid, *_ in requests:
         a, b = sync[rid], overlapped[rid]
         assert (a.token_ids, a.text, a.logprob_ranks, a.token_texts) == (b.token_ids, b.text, b.logprob_ranks,
@@ -197,22 +203,25 @@ def test_async_scheduling_gives_the_same_logprobs_as_sync(hf, decode_graphs):
     for rid, prompt, params, name in requests:
         if params.logprobs is not None:
             reference = hf_logprobs(hf, tokenizer(prompt)["input_ids"], sync[rid].token_ids, name)
-            check_against(reference, sync[rid], params.logprobs)
+            check_against(reference, sync[rid], params.logprobs, TOL[device])
 
 
-def test_async_scheduling_is_exact():
+@pytest.mark.parametrize("device", DEVICES)
+def test_async_scheduling_is_exact(device):
     """Requests that all run to the same length: the steps hold the same rows in both modes."""
     requests = [(f"r{i}", prompt, SamplingParams(temperature=t, seed=i, max_tokens=12, ignore_eos=True, logprobs=k),
                  name)
                 for i, (prompt, t, k, name) in enumerate([("hello", 0, 3, "upper"), ("abc def", 0.9, 2, None),
                                                           ("zz", 0, None, "reverse"), ("queued", 1.3, 20, "upper")])]
-    sync = run_engine(False, "off", requests)
-    overlapped = run_engine(True, "off", requests)
+    graphs = "auto" if device == "cuda" else "off"
+    sync = run_engine(False, graphs, requests, device)
+    overlapped = run_engine(True, graphs, requests, device)
     assert sync == overlapped
     assert sync["r2"].logprobs is None and sync["r3"].logprobs is not None
 
 
 def test_outputs_cross_msgpack_and_merge():
+    msgspec = pytest.importorskip("msgspec")  # the engine process's wire format
     a = RequestOutput("r", token_ids=[5], logprobs=[{5: -0.5, 7: -1.0}], logprob_ranks=[{5: 1, 7: 2}],
                       token_texts={5: "a", 7: "b"}, cumulative_logprob=-0.5)
     b = RequestOutput("r", token_ids=[9], logprobs=[{9: -2.0, 5: -0.25}], logprob_ranks=[{9: 3, 5: 1}],
