@@ -3,7 +3,7 @@
 # results and logs under $OUT (the folder that comes back), tables on stdout.
 #
 #   tools/gpu_bench.sh engine    # GPU tests, a profiled decode step, bench/engine.py, bench/peers.py
-#   tools/gpu_bench.sh serving   # bench/serving.py (S1 through tritonserver and engine-direct); carry .whl
+#   tools/gpu_bench.sh serving   # bench/serving.py (S1 through tritonserver and engine-direct, CONFIGS); carry .whl
 #                                # (filled here by tools/gpu_triton_setup.sh pack)
 #   tools/gpu_bench.sh checks    # GPU tests, then tools/gpu_faults.py (engine and launcher killed); carry .whl
 #   tools/gpu_bench.sh saturation  # bench/serving.py at 30 and 40 req/s, n = 2000, both paths; carry .whl
@@ -43,8 +43,8 @@ case "${1:-}" in
         step 150 kernel_cache_warmup /tmp/multilora-venv/bin/python bench/serving.py --paths direct \
             --configs s1:2000:20 --duration 10 --grace 3 --time-budget 140
         export MULTILORA_FAULTHANDLER="$OUT/stub_stacks.txt"
-        step 420 serving /tmp/multilora-venv/bin/python bench/serving.py --configs s1:5:20,s1:2000:20 \
-            --duration 30 --grace 8 --time-budget 400 \
+        step 420 serving /tmp/multilora-venv/bin/python bench/serving.py \
+            --configs "${CONFIGS:-s1:5:20,s1:2000:20,s1:2000:40}" --duration 25 --grace 6 --time-budget 400 \
             --json "$OUT/bench_serving_h200.json" --server-log "$OUT/tritonserver.log"
         gzip -f "$OUT/tritonserver.log"
         ;;
