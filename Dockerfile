@@ -43,6 +43,9 @@ COPY model_repository ./model_repository
 COPY demo ./demo
 
 EXPOSE 8000 8001 8002
-# stub-timeout-seconds: the Python backend's default of 30 s is shorter than a 7B model's start
+# stub-timeout-seconds: the Python backend's default of 30 s is shorter than a 7B model's start.
+# Explicit model control: a client can unload the model and load it again
+# (POST /v2/repository/models/multilora/load), e.g. when it answers not-ready.
 CMD ["tritonserver", "--model-repository=/opt/multilora/model_repository", \
-     "--backend-config=python,stub-timeout-seconds=600"]
+     "--backend-config=python,stub-timeout-seconds=600", \
+     "--model-control-mode=explicit", "--load-model=multilora"]

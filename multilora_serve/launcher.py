@@ -9,8 +9,15 @@ What it does (see the Triton recipe in the project's toolchain notes):
    ``triton_python_backend_stub`` to the stub of the running Python's X.Y (a copy would not find
    its CUDA runtime, which it locates relative to its real path);
 2. starts ``tritonserver`` with the running virtual environment's ``bin`` first on PATH: the stub
-   takes its packages from the venv of the first ``python3`` on PATH and ignores PYTHONPATH;
-3. polls ``/v2/health/ready`` until the server (and so every model) is ready.
+   takes its packages from the venv of the first ``python3`` on PATH and ignores PYTHONPATH; in
+   a process group of its own, with SIGKILL as its parent-death signal (Linux) and a watchdog
+   process that kills the group when the launcher is gone, so that the server, its stubs and
+   their children die with the launcher, even a launcher killed with SIGKILL;
+3. polls ``/v2/health/ready`` until the server (and so every loaded model) is ready.
+
+Models are under explicit model control by default (``--model-control-mode=explicit``, every
+model of the repository loaded at start): a client can unload and load them again through
+Triton's repository API.
 
 Engine overrides (``--engine-arg KEY=VALUE``) reach the model through the environment variable
 ``MULTILORA_ENGINE_ARGS``: a JSON object that ``model.py`` lays over ``engine.json``. A VALUE is
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import ctypes
 import importlib.util
 import json
 import logging
@@ -39,7 +47,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 ENGINE_ARGS_ENV = "MULTILORA_ENGINE_ARGS"
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
@@ -48,6 +56,18 @@ _LOG_TAIL_LINES = 200
 # start (weights, the pool, the decode graphs, and Triton kernels compiled on a machine without
 # a kernel cache) takes longer, and the stub is then killed as "not healthy".
 STUB_TIMEOUT_S = 600
+MODEL_CONTROL_MODES = ("explicit", "none", "poll")  # tritonserver --model-control-mode
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Run by the watchdog beside tritonserver (``python -I -S -c CODE PGID``): its stdin is a pipe
+# whose only writer is the launcher, so end of file means the launcher is gone.
+_WATCHDOG_CODE = """
+import os, signal, sys
+sys.stdin.buffer.read()
+try:
+    os.killpg(int(sys.argv[1]), signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
 _running_servers: "set[TritonServer]" = set()
 
 
@@ -110,6 +130,57 @@ def pick_free_port(host: str = "127.0.0.1", exclude: Sequence[int] = ()) -> int:
     raise TritonServerError(f"could not find a free port on {host}")
 
 
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive SIGKILL when its parent dies, or None where
+    that cannot be asked for (not Linux).
+
+    Without it, a tritonserver in a session of its own outlives a launcher killed with SIGKILL,
+    and its Python backend stubs keep their GPU memory: the next server fails with CUDA out of
+    memory. PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the
+    process: start servers from a thread that lives as long as the server does.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork, not in the child
+    parent_pid = os.getpid()
+
+    def set_death_signal() -> None:
+        # Runs in the child between fork and exec.
+        if prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL)) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+        if os.getppid() != parent_pid:  # the parent died before the death signal was set
+            os._exit(1)
+
+    return set_death_signal
+
+
+def start_group_watchdog(pgid: int) -> tuple[subprocess.Popen, int] | None:
+    """Start a process that SIGKILLs the process group ``pgid`` once this process is gone;
+    returns it and the pipe's write end (keep it open: closing it fires the watchdog), or None
+    where process groups do not exist.
+
+    tritonserver's stubs exit when tritonserver dies, but not always: on 2.51 a stub whose model
+    thread is in a call to the dead server (``Metric.set``) deadlocks in its own shutdown and
+    keeps running, with its GPU memory and its children. The server, the stubs and what they
+    start share tritonserver's process group, so the watchdog kills them together.
+    """
+    if os.name != "posix":
+        return None
+    read_fd, write_fd = os.pipe()  # neither end is inherited by tritonserver or later children
+    try:
+        watchdog = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _WATCHDOG_CODE, str(pgid)], stdin=read_fd,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True)  # outside the launcher's group: it must outlive the launcher
+    except BaseException:
+        os.close(write_fd)
+        raise
+    finally:
+        os.close(read_fd)
+    return watchdog, write_fd
+
+
 def parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
     """``["KEY=VALUE", ...]`` -> dict. Values are JSON when they parse, else strings; a string
     naming an existing path (relative to the current directory) is made absolute."""
@@ -138,7 +209,9 @@ class TritonServer:
     The process runs in the temporary directory (the Python stub puts its working directory on
     sys.path), with the venv's ``bin`` first on PATH.
     The server's output is kept (the last lines are in ``log_tail()``), written to ``log_file``
-    when given, and echoed to stderr when ``echo`` is true.
+    when given, and echoed to stderr when ``echo`` is true. ``model_control_mode`` is one of
+    ``MODEL_CONTROL_MODES`` (see ``model_control_args``).
+    The server dies with the thread that called ``start()`` (see ``die_with_parent``).
     """
 
     def __init__(
@@ -157,7 +230,11 @@ class TritonServer:
         echo: bool = False,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        model_control_mode: str = "explicit",
     ) -> None:
+        if model_control_mode not in MODEL_CONTROL_MODES:
+            raise ValueError(f"model_control_mode must be one of {', '.join(MODEL_CONTROL_MODES)}, "
+                             f"got {model_control_mode!r}")
         self.model_repository = Path(model_repository or DEFAULT_MODEL_REPOSITORY).resolve()
         self.host = host
         self._requested_ports = (http_port, grpc_port, metrics_port)
@@ -170,11 +247,13 @@ class TritonServer:
         self.echo = echo
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
+        self.model_control_mode = model_control_mode
         self.process: subprocess.Popen | None = None
         self._tmp_dir: Path | None = None
         self._log_lines: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
         self._log_lock = threading.Lock()
         self._reader: threading.Thread | None = None
+        self._watchdog: tuple[subprocess.Popen, int] | None = None
 
     # -- addresses ---------------------------------------------------------------------------
     @property
@@ -215,8 +294,19 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}",
+            *self.model_control_args(),
             *self.extra_args,
         ]
+
+    def model_control_args(self) -> list[str]:
+        """``explicit``: every model of the repository is loaded at start, and clients may unload
+        and load models (``POST /v2/repository/models/NAME/load``), e.g. a model that unloaded
+        itself when its engine died. ``none`` is Triton's default (no arguments)."""
+        if self.model_control_mode == "explicit":
+            return ["--model-control-mode=explicit", "--load-model=*"]
+        if self.model_control_mode == "poll":
+            return ["--model-control-mode=poll"]
+        return []
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -233,7 +323,8 @@ class TritonServer:
         """Start tritonserver and wait until ``/v2/health/ready`` answers 200.
 
         Raises TritonServerError (with the log tail) if it exits or is not ready in time; the
-        process is stopped then.
+        process is stopped then. Call it from a thread that lives as long as the server: the
+        server gets SIGKILL when this thread exits.
         """
         if self.process is not None:
             raise TritonServerError("server already started")
@@ -249,7 +340,12 @@ class TritonServer:
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                 bufsize=1, cwd=self._tmp_dir,  # the stub puts its cwd on sys.path: keep it neutral
                 start_new_session=True,  # signals reach it (and its stubs) only through us
+                # tritonserver gets SIGKILL when the thread calling start() exits, and its
+                # process group when this process exits (the watchdog): call start() from a
+                # thread that lives as long as the server, as the CLI does from its main thread.
+                preexec_fn=die_with_parent(),
             )
+            self._watchdog = start_group_watchdog(self.process.pid)
         except BaseException:
             if log is not None:
                 log.close()
@@ -308,6 +404,12 @@ class TritonServer:
             code = process.returncode
             if self._reader is not None:
                 self._reader.join(timeout=5)
+        if self._watchdog is not None:
+            watchdog, write_fd = self._watchdog
+            self._watchdog = None
+            watchdog.kill()  # not the end of file on its pipe, which would kill the group
+            watchdog.wait()
+            os.close(write_fd)
         _running_servers.discard(self)
         if self._tmp_dir is not None:
             shutil.rmtree(self._tmp_dir, ignore_errors=True)
@@ -394,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port")
     parser.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="override an engine.json value (repeatable); VALUE is JSON or a string")
+    parser.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default="explicit",
+                        help="tritonserver --model-control-mode; explicit (the default) loads "
+                             "every model at start and lets clients load and unload them")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     parser.add_argument("--ready-timeout", type=float, default=300.0,
                         help="seconds to wait for /v2/health/ready (default: %(default)s)")
@@ -432,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model_repository, host=args.host, http_port=args.http_port,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port, engine_args=engine_args,
         log_verbose=args.log_verbose, ready_timeout=args.ready_timeout, log_file=args.log_file,
-        echo=True, extra_args=args.tritonserver_arg)
+        echo=True, extra_args=args.tritonserver_arg, model_control_mode=args.model_control_mode)
 
     stop_requested = threading.Event()
 

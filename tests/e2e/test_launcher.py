@@ -1,7 +1,9 @@
 """multilora_serve.launcher starts the tritonserver of the nvidia-pytriton wheel (no engine needed):
-a tiny decoupled echo model in tmp_path stands in for multilora."""
+a tiny decoupled echo model in tmp_path stands in for multilora, except in the test that kills
+the launcher, which runs the project's model repository (a stub that starts an engine process)."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import queue
@@ -20,7 +22,7 @@ import tritonclient.grpc as grpcclient
 from multilora_serve import launcher
 from multilora_serve.launcher import TritonServer, TritonServerError
 
-from e2e_helpers import ROOT, START_TIMEOUT_S, start_server
+from e2e_helpers import MODEL_REPOSITORY, ROOT, START_TIMEOUT_S, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -130,6 +132,20 @@ def test_default_model_repository_is_the_projects():
     assert TritonServer().model_repository == ROOT / "model_repository"
 
 
+def test_model_control_arguments():
+    explicit = TritonServer(ROOT / "model_repository").command(Path("B"))
+    assert explicit[-2:] == ["--model-control-mode=explicit", "--load-model=*"]
+    none = TritonServer(ROOT / "model_repository", model_control_mode="none").command(Path("B"))
+    assert not any(arg.startswith(("--model-control-mode", "--load-model")) for arg in none)
+    poll = TritonServer(ROOT / "model_repository", model_control_mode="poll").command(Path("B"))
+    assert poll[-1] == "--model-control-mode=poll"
+    with pytest.raises(ValueError, match="model_control_mode must be one of explicit, none, poll"):
+        TritonServer(model_control_mode="manual")
+    parser = launcher.build_parser()
+    assert parser.parse_args([]).model_control_mode == "explicit"
+    assert parser.parse_args(["--model-control-mode", "none"]).model_control_mode == "none"
+
+
 def test_server_starts_serves_and_stops(echo_repository: Path):
     server = start_server(echo_repository, engine_args={"model": "/m", "max_num_seqs": 4})
     try:
@@ -151,6 +167,38 @@ def test_server_starts_serves_and_stops(echo_repository: Path):
     assert process.poll() is not None
     assert not backend_dir.exists()
     assert http_status(f"{server.http_url}/v2/health/live") is None
+
+
+def _post(url: str) -> int:
+    request = urllib.request.Request(url, data=b"{}", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_explicit_model_control_loads_every_model_and_lets_clients_reload(echo_repository: Path):
+    second = echo_repository / "echo2"
+    (second / "1").mkdir(parents=True)
+    (second / "config.pbtxt").write_text(ECHO_CONFIG)
+    (second / "1" / "model.py").write_text(ECHO_MODEL)
+    server = start_server(echo_repository)
+    code = None
+    try:
+        for name in ("echo", "echo2"):  # --load-model=* loaded every model of the repository
+            assert http_status(f"{server.http_url}/v2/models/{name}/ready") == 200
+        assert _post(f"{server.http_url}/v2/repository/models/echo/unload") == 200
+        deadline = time.monotonic() + 30
+        while http_status(f"{server.http_url}/v2/models/echo/ready") == 200:
+            assert time.monotonic() < deadline, "echo still ready 30 s after its unload"
+            time.sleep(0.25)
+        assert _post(f"{server.http_url}/v2/repository/models/echo/load") == 200
+        assert http_status(f"{server.http_url}/v2/models/echo/ready") == 200
+        assert grpc_echo(server.grpc_url, "again")[0] == "again"
+    finally:
+        code = server.stop()
+    assert code == 0
 
 
 def test_context_manager_stops_the_server(echo_repository: Path):
@@ -236,3 +284,89 @@ def test_cli_rejects_a_malformed_engine_arg(tmp_path: Path):
     process = _run_cli(["--engine-arg", "oops"], tmp_path)
     assert process.wait(timeout=60) == 2
     assert "KEY=VALUE" in (tmp_path / "cli.stderr").read_text()
+
+
+# -- the server's life is tied to the launcher's -----------------------------------------------
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def _proc_stat(pid: int) -> tuple[str, int, str] | None:
+    """(state, ppid, comm) from /proc/PID/stat, None once the process is gone (reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            stat = stat_file.read()
+    except OSError:
+        return None
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), comm
+
+
+def _descendants(root_pid: int) -> dict[int, str]:
+    """{pid: comm} of every process below ``root_pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    comms: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
+            children.setdefault(stat[1], []).append(int(entry))
+            comms[int(entry)] = stat[2]
+    found: dict[int, str] = {}
+    todo = [root_pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = comms[child]
+            todo.append(child)
+    return found
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not ours: PID 1 (or another subreaper) reaps it
+        pass
+
+
+def _set_child_subreaper(enabled: bool) -> None:
+    # Orphans then become this process's children and the test reaps them itself, instead of
+    # depending on whether PID 1 of the machine reaps orphans.
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, int(enabled)) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and /proc")
+def test_sigkill_of_the_launcher_takes_tritonserver_and_its_stubs_with_it(tmp_path: Path):
+    """A launcher killed with SIGKILL cannot clean up: tritonserver, the stub and whatever the
+    stub started must still die (a survivor would keep its GPU memory)."""
+    _set_child_subreaper(True)
+    descendants: dict[int, str] = {}
+    process = None
+    try:
+        process = _run_cli(["--model-repository", str(MODEL_REPOSITORY), "--host", "127.0.0.1",
+                            "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
+                            "--ready-timeout", "180"], tmp_path)
+        _read_ready_line(process, 180.0)
+        descendants = _descendants(process.pid)
+        names = set(descendants.values())
+        assert "tritonserver" in names and "triton_python_b" in names, descendants
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        alive = dict(descendants)
+        while alive and time.monotonic() < deadline:
+            for pid in list(alive):
+                _reap(pid)
+                if _proc_stat(pid) is None:  # a zombie still has its /proc entry
+                    del alive[pid]
+            time.sleep(0.1)
+        assert not alive, f"alive 10 s after the launcher's SIGKILL: {alive} of {descendants}"
+    finally:
+        for pid, comm in descendants.items():
+            stat = _proc_stat(pid)
+            if stat is not None and stat[2] == comm:
+                os.kill(pid, signal.SIGKILL)
+                _reap(pid)
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        _set_child_subreaper(False)
