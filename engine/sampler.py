@@ -66,7 +66,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int,
                                   seq.generator or default_generator)
     if not logprob_rows:
         return tokens, None
-    num_top = max(seqs[row].params.logprobs for row in logprob_rows)
+    num_top = min(max(seqs[row].params.logprobs for row in logprob_rows), logits.shape[-1])
     values, ids = compute_logprobs(raw, tokens, to_device(logprob_rows, torch.int64, logits.device), num_top)
     return tokens, StepLogprobs(logprob_rows, values, ids)
 
