@@ -5,8 +5,9 @@ The engine runs in a process of its own (engine/core_server.py), started and own
 request (multilora_requests.py), hands it to the client, which queues it for the engine process
 and returns at once, and returns None (decoupled). The client's receiver thread puts each engine
 step's outputs on a queue; one response thread drains it, coalesces every delta ready for a
-request into one response, sends it, polls ``response_sender.is_cancelled()`` and feeds the
-metrics (multilora_metrics.py). Every request gets exactly one response flagged FINAL, errors and
+request into one response, hands it to a sender thread (multilora_senders.py; config.pbtxt
+parameter ``response_threads``, default 4), polls ``response_sender.is_cancelled()`` and feeds
+the metrics (multilora_metrics.py). Every request gets exactly one response flagged FINAL, errors and
 cancellation included, and nothing after it.
 
 If the engine process dies (or stops after an internal error), every live request gets a FINAL
@@ -41,6 +42,7 @@ from multilora_serve.launcher import ENGINE_ARGS_ENV
 from engine.outputs import RequestOutput
 from multilora_metrics import ServingMetrics
 from multilora_requests import ParsedRequest, parse_request
+from multilora_senders import ResponseSenders
 
 CANCEL_POLL_S = 0.05  # per live request; is_cancelled() is an IPC round trip (~12 to 30 us)
 CANCEL_POLL_BUDGET = 0.1  # at most this fraction of the response thread goes to polling
@@ -48,6 +50,7 @@ STATS_POLL_S = 0.1
 MAX_EVENTS_PER_ROUND = 4096
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _STOP = ("stop",)
+DEFAULT_RESPONSE_THREADS = 4  # config.pbtxt parameter response_threads
 FAULTHANDLER_ENV = "MULTILORA_FAULTHANDLER"  # a file: every thread's stack every 30 s, and on a crash
 
 INPUTS = [
@@ -130,6 +133,7 @@ class _LiveRequest:
     """A request between execute() and its FINAL response; owned by the response thread."""
 
     request_id: str
+    key: int  # picks the sender thread of all its responses
     request: Any  # kept alive until the FINAL response is sent
     sender: Any
     parsed: ParsedRequest | None  # None: rejected before reaching the engine
@@ -177,6 +181,7 @@ class TritonPythonModel:
         self._metrics = ServingMetrics({"model": args["model_name"],
                                         "version": args["model_version"]}, _log)
         self._thread = None
+        self._senders = ResponseSenders(_response_threads(model_config), _FINAL, _log)
         self._last_stats_error = ""
         self._dead: str | None = None  # set by the response thread when the engine process is gone
         started = time.monotonic()
@@ -208,24 +213,26 @@ class TritonPythonModel:
             self._events.put(_STOP)
             self._thread.join(timeout=60)
             self._thread = None
+        self._senders.close()
         self._metrics.close()
         _log("info", "finalize: done")
 
     # -- execute side ----------------------------------------------------------------------
     def _submit(self, request: Any) -> None:
         arrival = time.monotonic()
-        request_id = str(next(self._ids))
+        key = next(self._ids)
+        request_id = str(key)
         try:
             if self._engine.dead is not None:
                 raise EngineUnavailableError(
                     f"the engine process {self._engine.dead}; the model is being unloaded: load it again")
             parsed = parse_request(request)
         except Exception as error:  # InvalidRequestError, or a bug: the request still gets a FINAL
-            live = _LiveRequest(request_id, request, request.get_response_sender(), None, arrival)
+            live = _LiveRequest(request_id, key, request, request.get_response_sender(), None, arrival)
             self._events.put(("new", live))
             self._events.put(("output", request_id, _failed(request_id, error), arrival))
             return
-        live = _LiveRequest(request_id, request, request.get_response_sender(), parsed, arrival)
+        live = _LiveRequest(request_id, key, request, request.get_response_sender(), parsed, arrival)
         self._events.put(("new", live))  # before add_request: its outputs may come at once
         try:
             self._engine.add_request(request_id, parsed.prompt, parsed.prompt_token_ids,
@@ -404,12 +411,7 @@ class TritonPythonModel:
         self._send(state, response, _FINAL)
 
     def _send(self, state: _LiveRequest, response: Any, flags: int) -> None:
-        try:
-            state.sender.send(response, flags=flags)
-        except Exception as error:  # e.g. the client is gone; nothing else to do for it
-            _log("warn", f"request {state.request_id}: sending a response failed: {error}")
-        if flags & _FINAL:
-            state.request = state.sender = None
+        self._senders.send(state.key, state, response, flags)
 
     def _poll_cancelled(self, live: dict[str, _LiveRequest]) -> None:
         for request_id, state in list(live.items()):
@@ -440,6 +442,14 @@ class TritonPythonModel:
 
 def _failed(request_id: str, error: BaseException) -> RequestOutput:
     return RequestOutput(request_id=request_id, finished=True, error=error)
+
+
+def _response_threads(model_config: dict[str, Any]) -> int:
+    text = model_config.get("parameters", {}).get("response_threads", {}).get("string_value")
+    try:
+        return int(text) if text else DEFAULT_RESPONSE_THREADS
+    except ValueError:
+        raise ValueError(f"config.pbtxt parameter response_threads must be an integer, got {text!r}") from None
 
 
 def _engine_overrides(model_config: dict[str, Any]) -> dict[str, Any]:
