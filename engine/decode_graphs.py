@@ -225,5 +225,5 @@ class DecodeGraphs:
             logits = self._forward(b, lora)
         self.mempool = graph.pool()
         self.graphs[b, lora] = (graph, logits)
-        logger.info("[multilora] captured the decode graph of batch bucket %d (LoRA on: %s)", b,
+        logger.info("captured the decode graph of batch bucket %d (LoRA on: %s)", b,
                     ", ".join(sorted(lora)) or "none")

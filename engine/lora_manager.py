@@ -90,7 +90,7 @@ class LoRAManager:
                 self._put(name, packed)
                 self.stats.loads_total += 1
                 self.stats.load_seconds_total += seconds
-                logger.info("[multilora] loaded LoRA adapter '%s' (%d pages) from disk in %.3f s",
+                logger.info("loaded LoRA adapter '%s' (%d pages) from disk in %.3f s",
                             name, packed.num_pages, seconds)
             self._refs[name] = self._refs.get(name, 0) + 1
             self._shrink()

@@ -113,7 +113,7 @@ class ModelRunner:
             self.graphs.capture_all()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
-        logger.info("[multilora] %s on %s/%s: pool of %d pages x %.2f MiB (%d tokens of KV each)",
+        logger.info("%s on %s/%s: pool of %d pages x %.2f MiB (%d tokens of KV each)",
                     c.architecture, self.device, self.dtype, self.num_pages, self.page_bytes / 2**20,
                     self.block_size)
 
