@@ -381,6 +381,9 @@ def run_path(path: str, configs: list[Config], workloads: dict[Config, list[Work
             server.stop()
         if engine is not None:
             engine.shutdown()
+            # where the engine loop's time went (through Triton: the same line is in the server's log)
+            log(f"[{path}] engine loop: {engine.engine.stats.steps_total} steps; "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in engine.loop_seconds.items()))
 
 
 def fmt(value, digits: int = 0) -> str:

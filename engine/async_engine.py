@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -44,6 +45,9 @@ class AsyncEngine:
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
         self.step_sink: StepSink | None = None
+        # where the loop thread's time goes (seconds), logged at shutdown: waiting for work,
+        # handling commands, LLMEngine.step, handing outputs over (and stats)
+        self.loop_seconds = {"idle": 0.0, "commands": 0.0, "step": 0.0, "outputs": 0.0}
         self.on_fatal: Callable[[str], None] | None = None  # called from the loop thread, once
         self.failed: str | None = None  # why the loop stopped after an internal error
         self._last_stats_error = ""
@@ -84,6 +88,10 @@ class AsyncEngine:
         self._commands.put(("wake", None))
         if self._thread is not None:
             self._thread.join(timeout=30)
+            total = sum(self.loop_seconds.values())
+            if total > 0 and self.engine is not None:
+                logger.info("engine loop: %d steps in %.1f s; %s", self.engine.stats.steps_total, total,
+                            ", ".join(f"{k} {v:.1f} s" for k, v in self.loop_seconds.items()))
 
     @property
     def max_model_len(self) -> int:
@@ -156,22 +164,36 @@ class AsyncEngine:
         stops (the device state after a failed step cannot be trusted). A failed command fails
         only its request."""
         engine = self.engine
+        times = self.loop_seconds
+        clock = time.perf_counter
         try:
             while not self._stop.is_set():
                 block = not engine.has_work()
+                t0 = clock()
                 try:
                     command = self._commands.get(block=block, timeout=0.5 if block else None)
                 except queue.Empty:
                     command = None
+                t1 = clock()
                 while command is not None:
                     self._handle(command)
                     try:
                         command = self._commands.get_nowait()
                     except queue.Empty:
                         command = None
+                t2 = clock()
                 if engine.has_work():
-                    self._emit(engine.step())
+                    outputs = engine.step()
+                    t3 = clock()
+                    self._emit(outputs)
+                else:
+                    t3 = t2
                 self._publish_stats()
+                t4 = clock()
+                times["idle"] += t1 - t0
+                times["commands"] += t2 - t1
+                times["step"] += t3 - t2
+                times["outputs"] += t4 - t3
         except Exception as e:
             logger.exception("the engine loop failed")
             self.failed = f"{type(e).__name__}: {e}"

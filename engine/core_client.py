@@ -81,7 +81,8 @@ class EngineCoreClient:
         self._ready_message: wire.Ready | None = None
         self._fatal: str | None = None
         self._stats = EngineStats()
-        self._closing = threading.Event()
+        self._stopping = threading.Event()  # shutdown() asked the core to stop: not a death
+        self._closing = threading.Event()  # the receiver may end
         self._dead: str | None = None  # why the process is gone
         self._death_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -124,7 +125,7 @@ class EngineCoreClient:
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Ask the core to stop (its live requests end with errors first), then make sure it has."""
-        self._closing.set()
+        self._stopping.set()
         process = self.process
         if process is not None and process.poll() is None:
             try:
@@ -136,6 +137,7 @@ class EngineCoreClient:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        self._closing.set()  # the receiver takes what is left (the core's last log lines) and ends
         for thread in self._threads:
             thread.join(timeout=5)
         self._threads.clear()
@@ -191,8 +193,10 @@ class EngineCoreClient:
     def _receive_loop(self) -> None:
         decoder = wire.client_decoder()
         sock = self._from_core
-        while not self._closing.is_set():
-            if not sock.poll(RECV_POLL_MS):
+        while True:
+            if not sock.poll(0 if self._closing.is_set() else RECV_POLL_MS):
+                if self._closing.is_set():
+                    return
                 continue
             message = decoder.decode(sock.recv(copy=False))
             if isinstance(message, wire.StepOutputs):
@@ -210,7 +214,7 @@ class EngineCoreClient:
 
     def _watch_process(self) -> None:
         code = self.process.wait()
-        if self._closing.is_set():
+        if self._stopping.is_set():
             return
         time.sleep(0.05)  # let the receiver take what the process sent last (a Fatal)
         what = f"{self.process.pid} {describe_exit(code)}"
