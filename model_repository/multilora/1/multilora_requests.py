@@ -17,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
+from engine.request_checks import check_adapter_name, check_prompt
 from engine.sampling_params import SamplingParams
 
 # Request parameters that are transport or model-input settings, never sampling parameters
@@ -62,10 +63,7 @@ def parse_request(request: Any) -> ParsedRequest:
     """Validate one ``pb_utils.InferenceRequest``; raises InvalidRequestError."""
     prompt = _string_input(request, "text_input")
     token_ids = _token_ids_input(request)
-    if (prompt is None) == (token_ids is None):
-        raise InvalidRequestError(
-            "exactly one of the inputs text_input and input_ids is required, got "
-            + ("both" if prompt is not None else "neither"))
+    check_prompt(prompt, token_ids)
     request_parameters = _request_parameters(request)
     sampling_text = _string_input(request, "sampling_parameters")
     if sampling_text is not None:
@@ -99,18 +97,6 @@ def parse_request(request: Any) -> ParsedRequest:
     )
 
 
-def check_adapter_name(name: str, source: str) -> str | None:
-    """A plain adapter name, or None (the base model) when empty. Names are ids, never paths."""
-    name = name.strip()
-    if not name:
-        return None
-    if "/" in name or "\\" in name or ".." in name or any(ord(c) < 32 for c in name):
-        raise InvalidRequestError(
-            f"lora_name {name!r} (from {source}) is not a plain adapter name: it must not contain "
-            "'/', '\\', '..' or control characters")
-    return name
-
-
 def _resolve_adapter(tensor_value: str | None, sampling: dict[str, Any],
                      request_parameters: dict[str, Any]) -> str | None:
     """First non-empty of: the lora_name input, sampling_parameters["lora_name"], the request
@@ -125,8 +111,9 @@ def _resolve_adapter(tensor_value: str | None, sampling: dict[str, Any],
             continue
         if not isinstance(value, str):
             raise InvalidRequestError(f"lora_name (from {source}) must be a string, got {value!r}")
-        name = check_adapter_name(value, source)
-        if name is not None:
+        name = value.strip()
+        if name:  # empty: the base model, unless a later source names an adapter
+            check_adapter_name(name, source)
             return name
     return None
 
