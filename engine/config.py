@@ -147,6 +147,9 @@ class EngineConfig:
     # are taken from step N's sampled tokens on the device, and the host work of each step
     # (scheduling, tables, detokenizing, responses) overlaps the GPU's work on the next one.
     async_scheduling: bool = True
+    # Before the first request, run synthetic steps that compile every Triton kernel binary and
+    # capture every decode graph traffic can reach (engine/warmup.py): auto (on CUDA), true, false.
+    warmup: bool | str = "auto"
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -174,6 +177,10 @@ class EngineConfig:
             raise ValueError(f"engine config: kernels {self.kernels!r} must be auto, reference or triton")
         if self.decode_graphs not in ("auto", "off", "static"):
             raise ValueError(f"engine config: decode_graphs {self.decode_graphs!r} must be auto, off or static")
+        if isinstance(self.warmup, str) and self.warmup.lower() in ("true", "false"):
+            self.warmup = self.warmup.lower() == "true"
+        if not (self.warmup == "auto" or isinstance(self.warmup, bool)):
+            raise ValueError(f"engine config: warmup {self.warmup!r} must be auto, true or false")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"engine config: dtype {self.dtype!r} must be auto, float32, float16 or bfloat16")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_lora_rank",

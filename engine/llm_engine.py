@@ -23,6 +23,7 @@ from engine.sampling_params import SamplingParams
 from engine.sampler import TokenLogprobs
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
+from engine.warmup import maybe_warm_up
 
 logger = logging.getLogger("multilora")
 
@@ -58,6 +59,7 @@ class LLMEngine:
         self._prefetching: dict[str, tuple] = {}  # adapter prefetches in flight: name -> (event, staging)
         self._in_flight: SampledTokens | None = None  # a launched step not yet collected
         self.stats = EngineStats(num_pages_total=self.runner.num_pages)
+        self.warmup_report = maybe_warm_up(self)  # kernels compiled, graphs captured before any request
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.model_config.eos_token_ids)

@@ -48,7 +48,9 @@ def _expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_page
                  mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+# Arguments that vary from step to step are not specialized (kernels/tiles.py: compile keys), so
+# one binary serves every adapter size and every R_MAX up to BLOCK_R.
+@triton.jit(do_not_specialize=["num_pages", "pt_stride_s", "z_stride_t", "z_stride_p"])
 def _lora_expand_kernel(
     z_ptr, pool_ptr, y_ptr,
     sorted_ids_ptr, tile_starts_ptr, tile_lens_ptr, tile_slots_ptr,

@@ -36,28 +36,30 @@ def _shrink_k_loop(acc, x_ptr, pool_ptr, tok, m_mask, x_stride_t, page_table_ptr
     return acc
 
 
-@triton.jit
+# Arguments that vary from step to step are not specialized (kernels/tiles.py: compile keys), so
+# one binary serves every rank up to BLOCK_R, every adapter size and every K split.
+@triton.jit(do_not_specialize=["R_MAX", "num_pages", "split_k", "pt_stride_s", "z_stride_t", "z_stride_p"])
 def _lora_shrink_kernel(
     x_ptr, pool_ptr, z_ptr,
     sorted_ids_ptr, tile_starts_ptr, tile_lens_ptr, tile_slots_ptr,
     page_tables_ptr, ranks_ptr, a_offsets_ptr,
-    K, R_MAX, num_pages, layer_offset, page_stride,
+    K, R_MAX, num_pages, layer_offset, page_stride, split_k,
     x_stride_t, pt_stride_s, z_stride_t, z_stride_p,
     NPROJ: tl.constexpr, PAGE: tl.constexpr, VEC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ROW_IN_TWO_PAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_tile = tl.program_id(0)
-    pid_r = tl.program_id(1) // SPLIT_K
-    pid_k = tl.program_id(1) % SPLIT_K
+    pid_r = tl.program_id(1) // split_k
+    pid_k = tl.program_id(1) % split_k
     proj = tl.program_id(2)
     tile_len = tl.load(tile_lens_ptr + pid_tile)
     slot = tl.load(tile_slots_ptr + pid_tile)
     rank = tl.load(ranks_ptr + slot * NPROJ + proj, mask=slot >= 0, other=0)
     r0 = pid_r * BLOCK_R
-    skip = (tile_len == 0) | (slot < 0)
-    if SPLIT_K > 1:
-        skip = skip | (r0 >= rank)  # z was zeroed by the launcher
+    # split: rank blocks past the rank have nothing to add (the launcher zeroed z); unsplit, they
+    # store the zeros of z past the rank
+    skip = (tile_len == 0) | (slot < 0) | ((split_k > 1) & (r0 >= rank))
     if skip:
         return
 
@@ -69,7 +71,7 @@ def _lora_shrink_kernel(
     a_offset = tl.load(a_offsets_ptr + slot * NPROJ + proj).to(tl.int32)
     row_start = a_offset + offs_r * K  # [BLOCK_R] virtual start of each A row
 
-    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     k_hi = tl.where(r0 < rank, k_hi, k_lo)  # rank block past the rank: no loads, zeros out
@@ -86,7 +88,7 @@ def _lora_shrink_kernel(
 
     z_ptrs = z_ptr + tok[:, None] * z_stride_t + proj * z_stride_p + offs_r[None, :]
     z_mask = m_mask[:, None] & (offs_r[None, :] < R_MAX)
-    if SPLIT_K > 1:
+    if split_k > 1:
         tl.atomic_add(z_ptrs, acc, mask=z_mask, sem="relaxed")  # no ordering needed: z is read by the next launch
     else:
         tl.store(z_ptrs, acc, mask=z_mask)
@@ -140,10 +142,10 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
         x, pool, z,
         meta.sorted_token_ids, meta.tile_starts, meta.tile_lens, meta.tile_slots,
         page_tables, ranks, a_offsets,
-        k, r_max, num_pages, layer * page_size, pool.stride(0),
+        k, r_max, num_pages, layer * page_size, pool.stride(0), config.split_k,
         x.stride(0), page_tables.stride(0), z.stride(0), z.stride(1),
         NPROJ=num_proj, PAGE=page_size, VEC=vec_width(k, page_size),
-        BLOCK_M=meta.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r, SPLIT_K=config.split_k,
+        BLOCK_M=meta.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r,
         ROW_IN_TWO_PAGES=row_in_two_pages, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

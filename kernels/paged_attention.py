@@ -19,7 +19,8 @@ from kernels.prefill_attention import prefill_attention
 
 
 
-@triton.jit
+# bt_stride_s (the step's longest block table) is not specialized: one binary for every step
+@triton.jit(do_not_specialize=["bt_stride_s"])
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,

@@ -18,7 +18,8 @@ from kernels.attention_common import LOG2E, load_paged_rows, softmax_rescale
 
 
 
-@triton.jit
+# bt_stride_s (the step's longest block table) is not specialized: one binary for every step
+@triton.jit(do_not_specialize=["bt_stride_s"])
 def _prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,

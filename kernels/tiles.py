@@ -3,6 +3,14 @@
 GPU choices come from the sweeps of bench/kernels.py --sweep on an H100 80GB (docs/KERNELS.md);
 CPU choices (TRITON_INTERPRET=1) are small tiles that still walk every code path, since the
 interpreter's cost grows with tile area.
+
+Compile keys: every choice here that becomes a kernel constexpr is one Triton binary, and the
+warm-up (engine/warmup_plan.py) runs one step per choice a step can get. It varies the token
+count (lora_block_m), the rank (the BLOCK_R of shrink_tiles and expand_block_r) and, for
+decode attention, the batch size and context; the other arguments it passes are fixed for a
+model. A new choice must depend on the step only through those, or reach the kernel as a
+run-time argument whose Triton class cannot change: split_k is not specialized, and expand's
+cols_per_program (block_n x chunks_per_program) is always a multiple of 16.
 """
 from __future__ import annotations
 
