@@ -8,7 +8,8 @@
 #   tools/gpu_bench.sh checks    # GPU tests, then tools/gpu_faults.py (engine and launcher killed); carry .whl
 #   tools/gpu_bench.sh saturation  # bench/serving.py at 30 and 40 req/s, n = 2000, both paths; carry .whl
 #   tools/gpu_bench.sh coldstart # an empty kernel cache: start-up, then 120 s of S1 through tritonserver in
-#                                # two windows, and tools/check_warm_start.py; carry .whl
+#                                # two windows; then S1 through both paths on the cache it filled; carry .whl
+#   tools/gpu_bench.sh warmstart # tools/check_warm_start.py: kernels compiled at start-up and during traffic
 #
 # Each step has its own time limit, so one that hangs does not take the others' time.
 set -uo pipefail
@@ -61,15 +62,23 @@ case "${1:-}" in
             --duration 25 --grace 6 --time-budget 520 --json "$OUT/bench_saturation_h200.json"
         ;;
     coldstart)
+        # An empty kernel cache: the engine compiles at start-up, then 120 s of S1 n=2000 through
+        # tritonserver in 60 s windows; then, on the cache it filled, both paths at 20 req/s.
         tools/gpu_triton_setup.sh install /tmp/multilora-venv > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
-        export TRITON_CACHE_DIR=$(mktemp -d)  # empty: every kernel compiles in this run
-        step 330 coldstart /tmp/multilora-venv/bin/python bench/serving.py --paths triton --configs s1:2000:20 \
-            --no-warmup --duration 120 --grace 5 --window 60 --time-budget 320 --json "$OUT/bench_coldstart_h200.json"
         export TRITON_CACHE_DIR=$(mktemp -d)
-        step 240 warm_start python tools/check_warm_start.py --seconds 30
+        step 300 coldstart /tmp/multilora-venv/bin/python bench/serving.py --paths triton --configs s1:2000:20 \
+            --no-warmup --duration 120 --grace 3 --window 60 --time-budget 290 --json "$OUT/bench_coldstart_h200.json" \
+            --server-log "$OUT/tritonserver_cold.log"
+        step 250 serving /tmp/multilora-venv/bin/python bench/serving.py --configs "${CONFIGS:-s1:5:20,s1:2000:20}" \
+            --duration 20 --grace 5 --time-budget 240 --json "$OUT/bench_serving_h200.json" \
+            --server-log "$OUT/tritonserver.log"
+        gzip -f "$OUT"/tritonserver*.log
+        ;;
+    warmstart)
+        step 500 warm_start python tools/check_warm_start.py --compare --json "$OUT/warm_start_h200.json"
         ;;
     *)
-        echo "usage: $0 engine|serving|checks|saturation|coldstart" >&2
+        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart" >&2
         exit 2
         ;;
 esac
