@@ -46,7 +46,7 @@ class LLMEngine:
         self.runner = ModelRunner(config, self.model_config, max_len)
         kv_capacity = self.runner.num_pages * config.block_size
         if kv_capacity < max_len:
-            logger.warning("[multilora] max_model_len %d lowered to the KV cache's %d tokens", max_len, kv_capacity)
+            logger.warning("max_model_len %d lowered to the KV cache's %d tokens", max_len, kv_capacity)
             max_len = kv_capacity
         self.max_model_len = max_len
         self.pages = PageManager(self.runner.num_pages, config.block_size)
