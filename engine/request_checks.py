@@ -2,6 +2,9 @@
 and the engine (for its own API users) apply: one place for each rule and its message."""
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from engine.errors import InvalidRequestError
 
 
@@ -21,3 +24,14 @@ def check_prompt(prompt: str | None, prompt_token_ids: list[int] | None) -> None
         raise InvalidRequestError(
             "exactly one of the inputs text_input and input_ids is required, got "
             + ("both" if prompt is not None else "neither"))
+
+
+def parse_json(text: str, what: str) -> Any:
+    """json.loads, every failure an InvalidRequestError naming ``what``: text that is not JSON,
+    and JSON nested deeper than the parser's recursion limit (json.loads raises RecursionError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InvalidRequestError(f"{what}: nested too deeply") from None
+    except ValueError as error:
+        raise InvalidRequestError(f"{what} is not valid JSON ({error})") from error

@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
-from engine.request_checks import check_adapter_name, check_prompt
+from engine.request_checks import check_adapter_name, check_prompt, parse_json
 from engine.sampling_params import SamplingParams
 
 # Request parameters that are transport or model-input settings, never sampling parameters
@@ -167,10 +167,7 @@ def _request_parameters(request: Any) -> dict[str, Any]:
 
 
 def _json_object(text: str, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError as error:
-        raise InvalidRequestError(f"{what} is not valid JSON ({error})") from error
+    value = parse_json(text, what)
     if not isinstance(value, dict):
         raise InvalidRequestError(f"{what} must be a JSON object, got {type(value).__name__}")
     return value
