@@ -17,7 +17,7 @@ from engine.errors import InvalidRequestError
 from engine.lora_manager import LoRAManager
 from engine.model_runner import ModelRunner, SampledTokens
 from engine.page_manager import PageManager
-from engine.request_checks import check_prompt
+from engine.request_checks import check_prompt, check_prompt_size
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sampler import TokenLogprobs
@@ -75,21 +75,34 @@ class LLMEngine:
     # --- requests ---------------------------------------------------------------------------
     def make_sequence(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None,
                       params: SamplingParams, lora_name: str | None) -> Sequence:
-        """Validate and tokenize a request, and take a reference on its adapter. Thread-safe."""
+        """Validate and tokenize a request, and take a reference on its adapter. Thread-safe.
+
+        Every check whose cost grows with the request comes before the work it bounds (a prompt's
+        size before tokenizing it), and the adapter is acquired last: a request refused here
+        holds no reference."""
         check_prompt(prompt, prompt_token_ids)
         if prompt is not None:
+            check_prompt_size(prompt, self.max_model_len)
             ids = self.tokenizer(prompt)["input_ids"]
+            source = "text_input"
         else:
+            source = "input_ids"
+            if len(prompt_token_ids) >= self.max_model_len:
+                raise InvalidRequestError(self._too_long(source, len(prompt_token_ids)))
             ids = [int(t) for t in prompt_token_ids]
             vocab = self.model_config.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise InvalidRequestError(f"input_ids: token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         if not ids:
-            raise InvalidRequestError("the prompt is empty")
+            raise InvalidRequestError(f"{source}: the prompt is empty")
         if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; the context holds {self.max_model_len} "
-                                      "(max_model_len), including at least one generated token")
+            raise InvalidRequestError(self._too_long(source, len(ids)))
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise InvalidRequestError(
+                f"sampling_parameters: stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=min(self.config.default_max_tokens,
                                                                 self.max_model_len - len(ids)))
@@ -100,19 +113,30 @@ class LLMEngine:
                 f"{len(ids)} tokens and max_model_len is {self.max_model_len}, so at most "
                 f"{self.max_model_len - len(ids)} can be generated")
         lora = self.lora.acquire(lora_name) if lora_name else None
-        seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params, lora_name=lora_name or None,
-                       lora=lora)
+        try:
+            return self._new_sequence(request_id, ids, params, lora_name or None, lora)
+        except BaseException:
+            if lora is not None:  # the sequence never existed for anyone else: its reference goes here
+                self.lora.release(lora.name)
+            raise
+
+    def _new_sequence(self, request_id: str, ids: list[int], params: SamplingParams, lora_name: str | None,
+                      lora) -> Sequence:
         pages_needed = self.pages.blocks_needed(len(ids) + params.max_tokens) + (lora.num_pages if lora else 0)
         if pages_needed > self.pages.num_pages:
-            self.release(seq)
             raise InvalidRequestError(
                 f"the request needs {pages_needed} pages of KV cache and adapter weights; the pool has "
                 f"{self.pages.num_pages}: lower sampling_parameters max_tokens or shorten the prompt")
+        seq = Sequence(request_id=request_id, prompt_token_ids=ids, params=params, lora_name=lora_name, lora=lora)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed)
         seq.detokenizer = IncrementalDetokenizer(self.detokenizer_tokenizer, ids, params.skip_special_tokens)
         return seq
+
+    def _too_long(self, source: str, num_tokens: int) -> str:
+        return (f"{source}: the prompt has {num_tokens} tokens; the context holds {self.max_model_len} "
+                "(max_model_len), including at least one generated token")
 
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self.seqs:

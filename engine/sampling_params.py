@@ -13,7 +13,9 @@ MAX_LOGPROBS = 20  # most likely tokens returned per position at most (vLLM's de
 # Below it a temperature is greedy (vLLM's _SAMPLING_EPS): logits / 1e-39 overflow float32 to
 # Inf, and softmax of Inf is NaN, which samples token 0.
 MIN_TEMPERATURE = 1e-5
-MAX_SEED = 1 << 63  # seeds are in [0, 2^63): torch.Generator.manual_seed takes a signed 64-bit integer
+# Seeds are in [0, 2^63), a non-negative signed 64-bit integer: torch.Generator.manual_seed
+# overflows from 2^64 (an INTERNAL error once) and folds negative seeds onto large ones.
+MAX_SEED = 1 << 63
 # Token counts and ids are below 2^31: beyond any context or vocabulary, and they must cross the
 # wire to the engine process (msgpack) and index tensors without overflowing.
 MAX_INT = (1 << 31) - 1

@@ -228,3 +228,71 @@ def test_adapter_from_disk_loads_off_the_request_path_and_abort_while_loading(ba
         assert not engine.engine.lora._refs, "adapter references left behind"
     finally:
         engine.shutdown()
+
+
+def test_a_huge_prompt_is_refused_by_its_size_before_it_is_tokenized(llm, monkeypatch):
+    """A 1 MiB text_input would take about a second of CPU to tokenize: it is refused on its byte
+    length (max_model_len * 32) first. The demo's byte tokenizer is 1 byte a token."""
+    import time
+
+    import engine.request_checks as checks
+    engine = llm.engine
+    tokenized = []
+    monkeypatch.setattr(engine, "tokenizer", lambda text: tokenized.append(text) or {"input_ids": [1]})
+    prompt = "a" * (1 << 20)
+    start = time.perf_counter()
+    with pytest.raises(InvalidRequestError, match=r"^text_input: the prompt is more than \d+ bytes") as caught:
+        engine.make_sequence("x", prompt, None, SamplingParams(max_tokens=1), None)
+    assert time.perf_counter() - start < 0.05  # about 0.1 ms; a generous margin for CI
+    assert not tokenized and f"max_model_len={engine.max_model_len}" in str(caught.value)
+    limit = engine.max_model_len * checks.MAX_PROMPT_BYTES_PER_TOKEN
+    with pytest.raises(InvalidRequestError, match="text_input"):  # 4-byte characters: counted in bytes
+        engine.make_sequence("x", "\U0001F600" * (limit // 4 + 1), None, SamplingParams(max_tokens=1), None)
+    engine.make_sequence("x", "\U0001F600" * (limit // 4), None, SamplingParams(max_tokens=1), None)
+    assert len(tokenized) == 1  # within the bound, tokenized (and then judged by its tokens)
+
+
+def test_too_many_input_ids_are_refused_before_they_are_read(llm):
+    engine = llm.engine
+    with pytest.raises(InvalidRequestError, match="^input_ids: the prompt has"):
+        engine.make_sequence("x", None, ["not read"] * engine.max_model_len, SamplingParams(max_tokens=1), None)
+    with pytest.raises(InvalidRequestError, match="^text_input: the prompt has"):
+        engine.make_sequence("x", "a" * engine.max_model_len, None, SamplingParams(max_tokens=1), None)
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(llm):
+    vocab = llm.engine.model_config.vocab_size
+    with pytest.raises(InvalidRequestError, match=r"^sampling_parameters: stop_token_ids \[%d\]" % vocab):
+        llm.engine.make_sequence("x", None, [1, 2], SamplingParams(max_tokens=1, stop_token_ids=[2, vocab]), None)
+
+
+def test_a_refused_request_holds_no_adapter_reference(base, tmp_path, monkeypatch):
+    """Whatever fails after make_sequence takes the adapter reference gives it back: a seed that
+    only torch refuses (as 2^64 did, past a caller that skipped SamplingParams' checks), a request
+    larger than the pool, any other error."""
+    import engine.llm_engine as llm_engine
+    adapter = write_adapter(str(tmp_path / "a"), base, 4, ["q_proj"], seed=3)
+    engine = LLM(model=base, num_pages=64, adapters={"a": adapter}).engine
+    params = SamplingParams(max_tokens=4, seed=1)
+    params.seed = 2 ** 64  # as if never checked
+    with pytest.raises(ValueError, match="Overflow when unpacking long long"):
+        engine.make_sequence("x", None, [1, 2], params, "a")
+    assert not engine.lora._refs
+    monkeypatch.setattr(engine.pages, "num_pages", 2)
+    with pytest.raises(InvalidRequestError, match="pages of KV cache"):
+        engine.make_sequence("x", None, [1, 2], SamplingParams(max_tokens=100), "a")
+    assert not engine.lora._refs
+    monkeypatch.undo()
+
+    def broken(*args, **kwargs):
+        raise OSError("any failure")
+
+    monkeypatch.setattr(llm_engine, "IncrementalDetokenizer", broken)
+    with pytest.raises(OSError):
+        engine.make_sequence("x", None, [1, 2], SamplingParams(max_tokens=4), "a")
+    assert not engine.lora._refs
+    monkeypatch.undo()
+    seq = engine.make_sequence("x", None, [1, 2], SamplingParams(max_tokens=4), "a")
+    assert engine.lora._refs == {"a": 1}
+    engine.release(seq)
+    assert not engine.lora._refs

@@ -29,7 +29,8 @@ def test_bad_values_name_the_field(values, field):
 
 
 @pytest.mark.parametrize("values, field", [
-    ({"seed": 2 ** 63}, "seed"),  # torch.Generator.manual_seed: "Overflow when unpacking long long"
+    ({"seed": 2 ** 63}, "seed"),
+    ({"seed": 2 ** 64}, "seed"),  # torch.Generator.manual_seed: "Overflow when unpacking long long"
     ({"seed": "9223372036854775808"}, "seed"),
     ({"seed": -1}, "seed"),
     ({"seed": True}, "seed"),
