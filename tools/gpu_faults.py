@@ -32,7 +32,8 @@ import time  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 
-from e2e_helpers import MODEL, MODEL_REPOSITORY, StreamClient, generate  # noqa: E402
+from e2e_helpers import (MODEL, MODEL_REPOSITORY, StreamClient, cmdline, descendants, generate,  # noqa: E402
+                         is_alive)
 from multilora_serve.launcher import TritonServer  # noqa: E402
 
 LONG = {"max_tokens": 3000, "ignore_eos": True, "temperature": 0}
@@ -58,39 +59,6 @@ def wait_memory_back(baseline: float | None, since: float, timeout: float = 20.0
         reading = gpu_memory_mib()
     done = reading is not None and reading <= baseline + 1024
     return (time.monotonic() - since if done else None), reading
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(") ", 1)[1].split()[1]), []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def model_ready(http_url: str) -> bool:
@@ -173,9 +141,9 @@ def launcher_killed(engine_args: dict, baseline: float | None, log) -> dict:
     killed = time.monotonic()
     os.kill(launcher.pid, signal.SIGKILL)
     launcher.wait()
-    while any(alive(p) for p in pids) and time.monotonic() < killed + 30:
+    while any(is_alive(p) for p in pids) and time.monotonic() < killed + 30:
         time.sleep(0.05)
-    left = [p for p in pids if alive(p)]
+    left = [p for p in pids if is_alive(p)]
     result = {"descendants": len(pids), "left": len(left), "all_gone_s": None if left else time.monotonic() - killed}
     result["memory_released_s"], result["memory_after_mib"] = wait_memory_back(baseline, killed)
     for pid in left:  # do not leave them to the next run

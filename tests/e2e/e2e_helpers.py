@@ -4,6 +4,7 @@ Prometheus metrics reader."""
 from __future__ import annotations
 
 import json
+import os
 import queue
 import shutil
 import struct
@@ -246,3 +247,47 @@ def _parse(message: Any) -> Response:
             dtype = {"INT32": np.int32, "UINT32": np.uint32}[tensor.datatype]
             outputs[tensor.name] = np.frombuffer(raw, dtype=dtype).tolist()
     return Response(infer.id, final, outputs=outputs)
+
+
+# -- processes, from /proc -----------------------------------------------------------------------------
+def proc_stat(pid: int) -> tuple[str, int, str] | None:
+    """(state, ppid, comm) from /proc/PID/stat, None once the process is gone (reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat_file:
+            stat = stat_file.read()
+    except OSError:
+        return None
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    fields = stat[stat.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), comm
+
+
+def descendants(root_pid: int) -> dict[int, str]:
+    """{pid: comm} of every process below ``root_pid``."""
+    children: dict[int, list[int]] = {}
+    comms: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := proc_stat(int(entry))) is not None:
+            children.setdefault(stat[1], []).append(int(entry))
+            comms[int(entry)] = stat[2]
+    found: dict[int, str] = {}
+    todo = [root_pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found[child] = comms[child]
+            todo.append(child)
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    """Running or sleeping: not gone, and not a zombie waiting to be reaped."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

@@ -11,7 +11,8 @@ import urllib.request
 
 import pytest
 
-from e2e_helpers import MODEL, MODEL_REPOSITORY, StreamClient, generate, start_server
+from e2e_helpers import (MODEL, MODEL_REPOSITORY, StreamClient, cmdline, descendants, generate,
+                         start_server)
 
 pytestmark = pytest.mark.e2e
 LONG = {"max_tokens": 3000, "ignore_eos": True, "temperature": 0}
@@ -23,32 +24,6 @@ def server(tmp_path):
                           engine_args={"max_model_len": 4096}, model_control_mode="explicit")
     yield server
     server.stop()
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(") ", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def engine_pids(server) -> list[int]:

@@ -22,7 +22,7 @@ import tritonclient.grpc as grpcclient
 from multilora_serve import launcher
 from multilora_serve.launcher import TritonServer, TritonServerError
 
-from e2e_helpers import MODEL_REPOSITORY, ROOT, START_TIMEOUT_S, start_server
+from e2e_helpers import MODEL_REPOSITORY, ROOT, START_TIMEOUT_S, descendants, proc_stat, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -290,35 +290,6 @@ def test_cli_rejects_a_malformed_engine_arg(tmp_path: Path):
 _PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 
-def _proc_stat(pid: int) -> tuple[str, int, str] | None:
-    """(state, ppid, comm) from /proc/PID/stat, None once the process is gone (reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat_file:
-            stat = stat_file.read()
-    except OSError:
-        return None
-    comm = stat[stat.index("(") + 1:stat.rindex(")")]
-    fields = stat[stat.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), comm
-
-
-def _descendants(root_pid: int) -> dict[int, str]:
-    """{pid: comm} of every process below ``root_pid``, from /proc."""
-    children: dict[int, list[int]] = {}
-    comms: dict[int, str] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
-            children.setdefault(stat[1], []).append(int(entry))
-            comms[int(entry)] = stat[2]
-    found: dict[int, str] = {}
-    todo = [root_pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found[child] = comms[child]
-            todo.append(child)
-    return found
-
-
 def _reap(pid: int) -> None:
     try:
         os.waitpid(pid, os.WNOHANG)
@@ -339,30 +310,30 @@ def test_sigkill_of_the_launcher_takes_tritonserver_and_its_stubs_with_it(tmp_pa
     """A launcher killed with SIGKILL cannot clean up: tritonserver, the stub and whatever the
     stub started must still die (a survivor would keep its GPU memory)."""
     _set_child_subreaper(True)
-    descendants: dict[int, str] = {}
+    below: dict[int, str] = {}
     process = None
     try:
         process = _run_cli(["--model-repository", str(MODEL_REPOSITORY), "--host", "127.0.0.1",
                             "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0",
                             "--ready-timeout", "180"], tmp_path)
         _read_ready_line(process, 180.0)
-        descendants = _descendants(process.pid)
-        names = set(descendants.values())
-        assert "tritonserver" in names and "triton_python_b" in names, descendants
+        below = descendants(process.pid)
+        names = set(below.values())
+        assert "tritonserver" in names and "triton_python_b" in names, below
         process.kill()
         process.wait()
         deadline = time.monotonic() + 10
-        alive = dict(descendants)
+        alive = dict(below)
         while alive and time.monotonic() < deadline:
             for pid in list(alive):
                 _reap(pid)
-                if _proc_stat(pid) is None:  # a zombie still has its /proc entry
+                if proc_stat(pid) is None:  # a zombie still has its /proc entry
                     del alive[pid]
             time.sleep(0.1)
-        assert not alive, f"alive 10 s after the launcher's SIGKILL: {alive} of {descendants}"
+        assert not alive, f"alive 10 s after the launcher's SIGKILL: {alive} of {below}"
     finally:
-        for pid, comm in descendants.items():
-            stat = _proc_stat(pid)
+        for pid, comm in below.items():
+            stat = proc_stat(pid)
             if stat is not None and stat[2] == comm:
                 os.kill(pid, signal.SIGKILL)
                 _reap(pid)
