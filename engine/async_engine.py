@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from engine.config import EngineConfig
-from engine.errors import EngineError, EngineOverloadedError
+from engine.errors import EngineError, EngineOverloadedError, EngineUnavailableError
 from engine.engine_stats import EngineStats
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -202,8 +202,8 @@ class AsyncEngine:
             if self.on_fatal is not None:
                 self.on_fatal(self.failed)
             return
-        self._emit(engine.fail_all(EngineError("the engine is shutting down")))
-        self._drain_commands(EngineError("the engine is shutting down"))
+        self._emit(engine.fail_all(EngineUnavailableError("the engine is shutting down")))
+        self._drain_commands(EngineUnavailableError("the engine is shutting down"))
 
     def _drain_commands(self, error: EngineError) -> None:
         """Fail the requests handed over but not added yet (their adapter references go back)."""
