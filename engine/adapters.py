@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -14,6 +15,11 @@ from engine.errors import AdapterLoadError
 from engine.safetensors_io import read_safetensors
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# |lora_alpha / r| (rsLoRA: lora_alpha / sqrt(r)) beyond it is no trained adapter (PEFT's
+# defaults give 1 or 2; published adapters stay below a few hundred), and it scales small
+# weights past float16's range.
+MAX_ABS_SCALE = 1e4
+logger = logging.getLogger("multilora")
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -34,10 +40,17 @@ class LoRAAdapter:
                    for layer in self.weights for a, b, _ in layer.values())
 
 
-def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int) -> LoRAAdapter:
-    """Load and validate a PEFT adapter directory. Raises AdapterLoadError saying what is wrong."""
+def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int,
+                 root: str | None = None) -> LoRAAdapter:
+    """Load and validate a PEFT adapter directory. Raises AdapterLoadError saying what is wrong.
+
+    ``root``: the adapter root it was found in; the directory and the files read must then
+    resolve inside it (no symlink out of it). Messages name the adapter, never ``path``: they go
+    to clients, the path goes to the log.
+    """
     def fail(message: str) -> AdapterLoadError:
-        return AdapterLoadError(f"LoRA adapter '{name}' ({path}): {message}")
+        logger.warning("LoRA adapter '%s' (%s) refused: %s", name, path, message)
+        return AdapterLoadError(f"LoRA adapter '{name}': {message}")
 
     config_path = os.path.join(path, "adapter_config.json")
     weights_path = os.path.join(path, "adapter_model.safetensors")
@@ -48,11 +61,21 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int) -
             raise fail("only adapter_model.bin (pickle) found; multilora loads safetensors only "
                        "(save the adapter with safe_serialization=True)")
         raise fail("adapter_model.safetensors is missing")
+    if root is not None:
+        for label, file_path in (("the adapter directory", path), ("adapter_config.json", config_path),
+                                 ("adapter_model.safetensors", weights_path)):
+            if not is_inside(file_path, root):
+                logger.warning("LoRA adapter '%s': %s resolves to %s, outside the adapter root %s",
+                               name, file_path, os.path.realpath(file_path), root)
+                raise fail(f"{label} is a symlink to outside the adapter root (refused unless the engine "
+                           "option allow_adapter_symlinks_outside_roots is true)")
     try:
         with open(config_path) as f:
             cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise fail(f"adapter_config.json is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise fail(f"adapter_config.json is not valid JSON ({type(e).__name__})") from e
+    except OSError as e:
+        raise fail(f"adapter_config.json cannot be read ({e.strerror or type(e).__name__})") from e
     if not isinstance(cfg, dict):
         raise fail("adapter_config.json must hold a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
@@ -65,17 +88,24 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int) -
         raise fail("fan_in_fan_out adapters are not supported")
     try:
         default_rank = int(cfg.get("r", 8))
+    except (TypeError, ValueError, OverflowError) as e:
+        raise fail(f"r must be an integer, got {cfg.get('r')!r}") from e
+    try:
         default_alpha = float(cfg.get("lora_alpha", default_rank))
     except (TypeError, ValueError) as e:
-        raise fail(f"bad r or lora_alpha ({e})") from e
+        raise fail(f"lora_alpha must be a number, got {cfg.get('lora_alpha')!r}") from e
     use_rslora = bool(cfg.get("use_rslora", False))
     alpha_pattern = cfg.get("alpha_pattern") or {}
+    if not isinstance(alpha_pattern, dict):
+        raise fail("alpha_pattern must be a JSON object of module patterns and lora_alpha values")
 
     shapes = model.projection_shapes()
     raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
         tensors = read_safetensors(weights_path)
-    except (OSError, ValueError) as e:
+    except OSError as e:  # its message holds the path
+        raise fail(f"cannot read adapter_model.safetensors ({e.strerror or type(e).__name__})") from e
+    except ValueError as e:
         raise fail(f"cannot read adapter_model.safetensors ({e})") from e
     for key, tensor in tensors.items():
         m = _KEY.match(key)
@@ -101,6 +131,8 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int) -
         if not (a.is_floating_point() and b.is_floating_point()):
             raise fail(f"layer {layer} {module}: lora_A / lora_B must be floating point, not {a.dtype} / {b.dtype}")
         n_in, n_out = shapes[module]
+        if a.dim() != 2 or b.dim() != 2:
+            raise fail(f"layer {layer} {module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} must be matrices")
         rank = a.shape[0]
         if rank < 1:
             raise fail(f"layer {layer} {module}: rank must be >= 1")
@@ -109,8 +141,16 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int) -
                        f"match the base model (expected ({rank}, {n_in}) and ({n_out}, {rank}))")
         if rank > max_lora_rank:
             raise fail(f"rank {rank} exceeds max_lora_rank={max_lora_rank} (raise max_lora_rank in engine.json)")
-        alpha = _alpha_for(f"model.layers.{layer}.{module}", alpha_pattern, default_alpha)
+        try:
+            alpha = _alpha_for(f"model.layers.{layer}.{module}", alpha_pattern, default_alpha)
+        except (TypeError, ValueError, re.error) as e:
+            raise fail(f"alpha_pattern: {e}") from e
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        if not (math.isfinite(scale) and abs(scale) <= MAX_ABS_SCALE):
+            formula = "lora_alpha/sqrt(r)" if use_rslora else "lora_alpha/r"
+            raise fail(f"layer {layer} {module}: scale {formula} = {alpha:.6g}/{'sqrt(%d)' % rank if use_rslora else rank}"
+                       f" = {scale:.6g} is not a finite number of magnitude at most {MAX_ABS_SCALE:g} "
+                       "(lora_alpha or r is wrong)")
         weights[layer][module] = (a, b, scale)
         max_rank = max(max_rank, rank)
     modules = tuple(m for m in LORA_MODULES if any(m in layer for layer in weights))
@@ -121,8 +161,19 @@ def _alpha_for(module_name: str, alpha_pattern: dict[str, float], default: float
     # PEFT matches pattern keys against the end of the module's dotted name.
     for pattern, alpha in alpha_pattern.items():
         if re.match(rf"(.*\.)?({pattern})$", module_name):
-            return float(alpha)
+            if isinstance(alpha, bool):
+                raise ValueError(f"lora_alpha of {pattern!r} must be a number, got {alpha!r}")
+            try:
+                return float(alpha)
+            except (TypeError, ValueError):
+                raise ValueError(f"lora_alpha of {pattern!r} must be a number, got {alpha!r}") from None
     return default
+
+
+def is_inside(path: str, root: str) -> bool:
+    """Whether ``path`` resolves (symlinks followed) to ``root`` or below it."""
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, real_root]) == real_root
 
 
 @dataclass
@@ -148,15 +199,16 @@ class PackedAdapter:
 
 
 def read_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int, page_size: int, dtype: torch.dtype,
-                 pin_memory: bool = False) -> PackedAdapter:
+                 pin_memory: bool = False, root: str | None = None) -> PackedAdapter:
     """load_adapter, then pack_adapter: a checked adapter ready for the pool."""
-    return pack_adapter(load_adapter(name, path, model, max_lora_rank), model, page_size, dtype, pin_memory)
+    return pack_adapter(load_adapter(name, path, model, max_lora_rank, root), model, page_size, dtype, pin_memory)
 
 
 def pack_adapter(adapter: LoRAAdapter, model: ModelConfig, page_size: int, dtype: torch.dtype,
                  pin_memory: bool = False) -> PackedAdapter:
-    """Raises AdapterLoadError if a weight is NaN or Inf, or becomes Inf in ``dtype`` (checked
-    once, on the packed buffer: one pass over the bytes instead of two small ops per tensor)."""
+    """Raises AdapterLoadError if a weight is NaN or Inf, or becomes Inf in ``dtype``, or if the
+    weight update it makes, scale * B @ A, holds values beyond ``dtype`` (checked once, on the
+    packed buffer: a few passes over the bytes instead of small ops per tensor)."""
     shapes = model.projection_shapes()
     ranks, a_offsets, b_offsets, scales = {}, {}, {}, {}
     offset = 0
@@ -176,9 +228,17 @@ def pack_adapter(adapter: LoRAAdapter, model: ModelConfig, page_size: int, dtype
     for m, r in ranks.items():
         if r:
             _pack_module(data, adapter.weights, m, r, shapes[m], a_offsets[m], b_offsets[m], scales[m])
+    def fail(message: str) -> AdapterLoadError:
+        logger.warning("LoRA adapter '%s' (%s) refused: %s", adapter.name, adapter.path, message)
+        return AdapterLoadError(f"LoRA adapter '{adapter.name}': {message}")
+
     if not _all_finite(data):
-        raise AdapterLoadError(f"LoRA adapter '{adapter.name}' ({adapter.path}): {_non_finite(adapter, dtype)}")
-    return PackedAdapter(adapter.name, data, num_pages, ranks, a_offsets, b_offsets, scales)
+        raise fail(_non_finite(adapter, dtype))
+    packed = PackedAdapter(adapter.name, data, num_pages, ranks, a_offsets, b_offsets, scales)
+    overflow = _update_overflow(packed, shapes)
+    if overflow:
+        raise fail(overflow)
+    return packed
 
 
 def _pack_module(data: torch.Tensor, weights: list[dict], module: str, rank: int, shape: tuple[int, int],
@@ -220,6 +280,39 @@ def _all_finite(data: torch.Tensor) -> bool:
     int_type, mask = _EXPONENT[data.dtype]
     # masked values are at most ``mask``, which they reach only for Inf or NaN; max() is one fast pass
     return data.numel() == 0 or int((data.view(int_type) & mask).max()) != mask
+
+
+def _update_overflow(packed: PackedAdapter, shapes: dict[str, tuple[int, int]]) -> str | None:
+    """Which layer and module has a weight update scale * B @ A with a value beyond the largest
+    finite value of the packed dtype, or None.
+
+    Each value of B @ A sums r products, so |scale| * r * max|A| * max|B| bounds them all: two
+    reductions per module over every layer at once (about 40 ms for a 7B rank-16 adapter in
+    float16 on one CPU core). Only a module whose bound is over is multiplied out (float32), so
+    the check is exact and costs a matmul only for an adapter near the limit."""
+    data = packed.data
+    largest = torch.finfo(data.dtype).max
+    num_layers = data.shape[0]
+    for m, r in packed.ranks.items():
+        if not r:
+            continue
+        n_in, n_out = shapes[m]
+        a = data[:, packed.a_offsets[m]:packed.a_offsets[m] + r * n_in].view(num_layers, r, n_in)
+        b_t = data[:, packed.b_offsets[m]:packed.b_offsets[m] + r * n_out].view(num_layers, r, n_out)
+        bound = (abs(packed.scales[m]) * r * _max_abs(a).double() * _max_abs(b_t).double()).tolist()  # [L]
+        for layer in (i for i, value in enumerate(bound) if value > largest):
+            update = abs(packed.scales[m]) * (b_t[layer].float().t() @ a[layer].float()).abs().max().item()
+            if not update <= largest:  # NaN too: Inf * 0 in the float32 product
+                return (f"layer {layer} {m}: scale * lora_B @ lora_A reaches {update:.3g}, beyond "
+                        f"{str(data.dtype).removeprefix('torch.')}'s largest value {largest:.6g} (lora_alpha, "
+                        "lora_A and lora_B are too large together; serve with dtype float32, or rescale)")
+    return None
+
+
+def _max_abs(x: torch.Tensor) -> torch.Tensor:
+    """x: [L, ...] -> [L], max |x| per layer: amax and amin, as abs() of half precision is slow on CPUs."""
+    flat = x.reshape(x.shape[0], -1)
+    return torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))
 
 
 def _non_finite(adapter: LoRAAdapter, dtype: torch.dtype) -> str:

@@ -164,6 +164,10 @@ class EngineConfig:
     max_host_adapter_bytes: int = 8 << 30  # host-memory tier of adapters (LRU)
     adapter_loader_threads: int = 4  # threads reading adapters from disk off the request path
     lora_roots: list[str] = field(default_factory=list)
+    # An adapter found in a lora_root whose directory or files are symlinks resolving outside
+    # that root is refused unless this is true (whoever writes a root could otherwise make the
+    # server read any of its files as an adapter).
+    allow_adapter_symlinks_outside_roots: bool = False
     max_waiting_requests: int = 4096
     default_max_tokens: int = 16  # when a request sets no max_tokens (clipped to the context left)
     seed: int = 0
@@ -195,6 +199,12 @@ class EngineConfig:
             raise ValueError("engine config: max_host_adapter_bytes must be >= 0")
         if isinstance(self.lora_roots, str):
             self.lora_roots = [self.lora_roots]
+        flag = self.allow_adapter_symlinks_outside_roots
+        if isinstance(flag, str) and flag.lower() in ("true", "false"):
+            self.allow_adapter_symlinks_outside_roots = flag.lower() == "true"
+        if not isinstance(self.allow_adapter_symlinks_outside_roots, bool):
+            raise ValueError("engine config: allow_adapter_symlinks_outside_roots must be true or false, got "
+                             f"{self.allow_adapter_symlinks_outside_roots!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], base_dir: str | None = None) -> "EngineConfig":

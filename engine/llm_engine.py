@@ -53,7 +53,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pages, config.max_num_seqs, config.max_num_batched_tokens)
         self.lora = LoRAManager(self.model_config, adapters or {}, config.lora_roots, config.max_lora_rank,
                                 config.max_host_adapter_bytes, self.runner.page_size, self.runner.dtype,
-                                pin_memory=self.runner.device.type == "cuda")
+                                pin_memory=self.runner.device.type == "cuda",
+                                allow_symlinks_outside_roots=config.allow_adapter_symlinks_outside_roots)
         self.eos_token_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
         self._prefetching: dict[str, tuple] = {}  # adapter prefetches in flight: name -> (event, staging)

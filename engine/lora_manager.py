@@ -38,7 +38,8 @@ class LoRAManager:
     """
 
     def __init__(self, model: ModelConfig, known: dict[str, str], roots: list[str], max_lora_rank: int,
-                 max_host_bytes: int, page_size: int, dtype: torch.dtype, pin_memory: bool) -> None:
+                 max_host_bytes: int, page_size: int, dtype: torch.dtype, pin_memory: bool,
+                 allow_symlinks_outside_roots: bool = False) -> None:
         for name in known:
             check_adapter_name(name)
         self.model = model
@@ -49,6 +50,7 @@ class LoRAManager:
         self.page_size = page_size
         self.dtype = dtype
         self.pin_memory = pin_memory
+        self.allow_symlinks_outside_roots = allow_symlinks_outside_roots
         self._lock = threading.Lock()
         self._host: OrderedDict[str, PackedAdapter] = OrderedDict()  # LRU: least recent first
         self._refs: dict[str, int] = {}
@@ -56,19 +58,21 @@ class LoRAManager:
         self.stats = AdapterStats()
 
     def resolve(self, name: str) -> str:
-        """Path of a known adapter, or AdapterNotFoundError listing what is known."""
+        """Path of a known adapter, or AdapterNotFoundError (which names no other adapter and no path:
+        a client learns nothing of what else is served)."""
+        return self._locate(name)[0]
+
+    def _locate(self, name: str) -> tuple[str, str | None]:
+        """(path, the adapter root it was found in, or None for a multi_lora.json adapter)."""
         check_adapter_name(name)
         if name in self.known:
-            return self.known[name]
+            return self.known[name], None
         for root in self.roots:
             candidate = os.path.join(root, name)
             if os.path.isfile(os.path.join(candidate, "adapter_config.json")):
-                return candidate
-        names = sorted(self.known)
-        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
-        raise AdapterNotFoundError(
-            f"LoRA adapter '{name}' is not known; known adapters: [{shown}]"
-            + (f"; adapter roots searched: {self.roots}" if self.roots else ""))
+                return candidate, root
+        logger.info("LoRA adapter '%s' is not known (adapter roots searched: %s)", name, self.roots)
+        raise AdapterNotFoundError(f"LoRA adapter '{name}' is not known")
 
     def acquire(self, name: str) -> PackedAdapter:
         with self._lock:
@@ -78,9 +82,14 @@ class LoRAManager:
                 self._refs[name] = self._refs.get(name, 0) + 1
                 self.stats.host_hits_total += 1
                 return packed
-        path = self.resolve(name)
+        path, root = self._locate(name)
         start = time.monotonic()
-        packed = read_adapter(name, path, self.model, self.max_lora_rank, self.page_size, self.dtype, self.pin_memory)
+        # An adapter found in a root stays inside it: a directory or file symlinked out of it would
+        # let whoever writes the root read any file the server can (names symlinked to adapters of
+        # the same root, as bench/serving.py makes them, are inside). multi_lora.json paths are
+        # the operator's own.
+        packed = read_adapter(name, path, self.model, self.max_lora_rank, self.page_size, self.dtype, self.pin_memory,
+                              root=None if root is None or self.allow_symlinks_outside_roots else root)
         seconds = time.monotonic() - start
         with self._lock:
             if name in self._host:  # another thread loaded it meanwhile

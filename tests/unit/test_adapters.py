@@ -124,8 +124,9 @@ def test_manager_resolves_roots_refcounts_and_evicts(tmp_path, base_and_adapter)
     one = probe.acquire("x").num_bytes
     mgr = LoRAManager(model, {"good": good}, [str(root)], 64, max_host_bytes=2 * one, page_size=512,
                       dtype=torch.float32, pin_memory=False)
-    with pytest.raises(AdapterNotFoundError, match="'nope' is not known.*good"):
+    with pytest.raises(AdapterNotFoundError) as caught:
         mgr.acquire("nope")
+    assert str(caught.value) == "LoRA adapter 'nope' is not known"  # no other tenant's names, no paths
     x = mgr.acquire("x")
     mgr.acquire("y")
     mgr.release("y")
@@ -184,3 +185,149 @@ def test_packing_matches_layer_by_layer(tmp_path, base_and_adapter, irregular):
     if irregular:
         assert "down_proj" not in adapter.weights[0] and adapter.weights[1]["q_proj"][0].shape[0] == 4
         assert adapter.weights[1]["q_proj"][2] != packed.scales["q_proj"]
+
+
+def _load(path, base, dtype=torch.float32, root=None):
+    return read_adapter("bad", str(path), ModelConfig.from_dir(base), max_lora_rank=64, page_size=512, dtype=dtype,
+                        root=root)
+
+
+@pytest.mark.parametrize("edit_config, message", [
+    (lambda c: c.update(lora_alpha=1e6), r"layer 0 down_proj: scale lora_alpha/r = 1e\+06/8 = 125000 is not a finite number"),
+    (lambda c: c.update(lora_alpha=float("nan")), r"scale lora_alpha/r = nan/8"),
+    (lambda c: c.update(lora_alpha=float("inf")), r"scale lora_alpha/r = inf/8"),
+    (lambda c: c.update(lora_alpha=-1e5), r"scale lora_alpha/r = -100000/8"),
+    (lambda c: c.update(lora_alpha=1e5, use_rslora=True), r"scale lora_alpha/sqrt\(r\) = 100000/sqrt\(8\)"),
+    (lambda c: c.update(alpha_pattern={"layers.1.q_proj": 1e9}), r"layer 1 q_proj: scale lora_alpha/r"),
+    (lambda c: c.update(alpha_pattern={"layers.1.q_proj": "x"}), r"alpha_pattern: lora_alpha of"),
+    (lambda c: c.update(alpha_pattern={"(": 2}), r"alpha_pattern"),
+    (lambda c: c.update(alpha_pattern=[1]), r"alpha_pattern must be"),
+    (lambda c: c.update(lora_alpha="many"), r"lora_alpha must be a number"),
+    (lambda c: c.pop("lora_alpha") and c.update(r="x"), r"r must be an integer"),
+])
+def test_absurd_scales_are_refused_naming_the_field(tmp_path, base_and_adapter, edit_config, message):
+    base, good = base_and_adapter
+    path = broken_copy(good, tmp_path / "bad", edit_config=edit_config)
+    with pytest.raises(AdapterLoadError, match=message) as caught:
+        _load(path, base)
+    assert str(caught.value).startswith("LoRA adapter 'bad': ") and str(tmp_path) not in str(caught.value)
+
+
+def test_scales_at_the_limit_are_accepted(tmp_path, base_and_adapter):
+    base, good = base_and_adapter
+    path = broken_copy(good, tmp_path / "edge", edit_config=lambda c: c.update(lora_alpha=8e4))  # scale 1e4
+    assert _load(path, base).scales["q_proj"] == 1e4
+
+
+def _set_weights(a_value, b_value, a_rows=None, b_cols=None):
+    """Every lora_A (rows ``a_rows``, default all) at a_value, every lora_B (columns ``b_cols``) at b_value."""
+    def edit(tensors):
+        for key in tensors:
+            t = torch.zeros_like(tensors[key])
+            if "lora_A" in key:
+                t[slice(None) if a_rows is None else a_rows] = a_value
+            else:
+                t[:, slice(None) if b_cols is None else b_cols] = b_value
+            tensors[key] = t
+    return edit
+
+
+def test_weight_updates_beyond_the_serving_dtype_are_refused(tmp_path, base_and_adapter, caplog):
+    """scale * B @ A: the good adapter's scale is 4/8 and its rank 8, so A = B = 100 gives 40000
+    (float16's largest value is 65504) and B = 200 gives 80000. Each weight alone is finite in
+    float16: only the product overflows."""
+    base, good = base_and_adapter
+    fits = broken_copy(good, tmp_path / "fits", _set_weights(100.0, 100.0))
+    assert _load(fits, base, torch.float16).num_pages > 0
+    over = broken_copy(good, tmp_path / "over", _set_weights(100.0, 200.0))
+    with caplog.at_level("WARNING", logger="multilora"):
+        with pytest.raises(AdapterLoadError, match=r"^LoRA adapter 'bad': layer 0 q_proj: scale \* lora_B @ lora_A "
+                                                   r"reaches 8e\+04, beyond float16's largest value 65504") as caught:
+            _load(over, base, torch.float16)
+    assert str(tmp_path) not in str(caught.value)
+    assert str(over) in caplog.text  # the path is in the server's log, not in the client's message
+    assert _load(over, base, torch.float32).num_pages > 0
+    assert _load(over, base, torch.bfloat16).num_pages > 0
+
+
+def test_the_cheap_bound_alone_refuses_nothing(tmp_path, base_and_adapter):
+    """A large only in row 0, B only in column 1: the bound (scale * r * max|A| * max|B| = 360000)
+    is over float16's range, the product B @ A is zero: the exact check accepts it."""
+    base, good = base_and_adapter
+    path = broken_copy(good, tmp_path / "sparse", _set_weights(300.0, 300.0, a_rows=0, b_cols=1))
+    packed = _load(path, base, torch.float16)
+    assert packed.data.abs().max().item() == 300.0
+
+
+def test_messages_name_the_adapter_never_its_path(tmp_path, base_and_adapter, caplog):
+    base, good = base_and_adapter
+    cases = {
+        "nan": broken_copy(good, tmp_path / "nan", _nan),
+        "missing": str(tmp_path / "missing"),
+        "unreadable": broken_copy(good, tmp_path / "unreadable"),
+    }
+    os.makedirs(cases["missing"])
+    weights = os.path.join(cases["unreadable"], "adapter_model.safetensors")
+    os.remove(weights)
+    os.mkdir(weights)  # a directory where the weights should be: reading it fails with an OSError
+    os.makedirs(os.path.join(weights, "x"))
+    for case, path in cases.items():
+        with caplog.at_level("WARNING", logger="multilora"):
+            with pytest.raises(AdapterLoadError) as caught:
+                read_adapter(case, path, ModelConfig.from_dir(base), 64, page_size=512, dtype=torch.float32)
+        assert str(caught.value).startswith(f"LoRA adapter '{case}': ")
+        assert str(tmp_path) not in str(caught.value), caught.value
+        assert path in caplog.text
+
+
+def _manager(base, roots, **kwargs):
+    return LoRAManager(ModelConfig.from_dir(base), {}, roots, 64, 1 << 30, page_size=512, dtype=torch.float32,
+                       pin_memory=False, **kwargs)
+
+
+def test_symlinks_inside_the_root_load_and_out_of_it_are_refused(tmp_path, base_and_adapter, caplog):
+    base, good = base_and_adapter
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    shutil.copytree(good, root / "real")
+    shutil.copytree(good, outside / "elsewhere")
+    os.symlink("real", root / "alias")  # as bench/serving.py names adapters: a link inside the root
+    os.symlink(outside / "elsewhere", root / "escape")  # the directory resolves outside
+    os.makedirs(root / "file_escape")
+    shutil.copy(os.path.join(good, "adapter_config.json"), root / "file_escape")
+    os.symlink(outside / "elsewhere" / "adapter_model.safetensors", root / "file_escape" / "adapter_model.safetensors")
+    os.makedirs(root / "file_inside")
+    shutil.copy(os.path.join(good, "adapter_config.json"), root / "file_inside")
+    os.symlink(root / "real" / "adapter_model.safetensors", root / "file_inside" / "adapter_model.safetensors")
+    mgr = _manager(base, [str(root)])
+    for name in ("real", "alias", "file_inside"):
+        assert mgr.acquire(name).num_pages > 0
+    for name, what in (("escape", "the adapter directory"), ("file_escape", "adapter_model.safetensors")):
+        with caplog.at_level("WARNING", logger="multilora"):
+            with pytest.raises(AdapterLoadError, match=f"^LoRA adapter '{name}': {what} is a symlink to outside "
+                                                       "the adapter root .*allow_adapter_symlinks_outside_roots"
+                               ) as caught:
+                mgr.acquire(name)
+        assert str(tmp_path) not in str(caught.value)
+        assert str(outside) in caplog.text  # where it pointed: in the server's log
+    assert set(mgr._refs) == {"real", "alias", "file_inside"}  # a refused load holds nothing
+    allowed = _manager(base, [str(root)], allow_symlinks_outside_roots=True)
+    assert allowed.acquire("escape").num_pages > 0 and allowed.acquire("file_escape").num_pages > 0
+
+
+def test_multi_lora_json_paths_may_be_symlinks(tmp_path, base_and_adapter):
+    """Adapters named in multi_lora.json are the operator's paths: no root to stay inside."""
+    base, good = base_and_adapter
+    os.symlink(good, tmp_path / "link")
+    mgr = LoRAManager(ModelConfig.from_dir(base), {"linked": str(tmp_path / "link")}, [], 64, 1 << 30,
+                      page_size=512, dtype=torch.float32, pin_memory=False)
+    assert mgr.acquire("linked").num_pages > 0
+
+
+def test_the_symlink_option_is_an_engine_config_boolean(base_and_adapter):
+    from engine.config import EngineConfig
+    base, _ = base_and_adapter
+    assert EngineConfig(model=base).allow_adapter_symlinks_outside_roots is False
+    assert EngineConfig.from_dict({"model": base, "allow_adapter_symlinks_outside_roots": "true"}
+                                  ).allow_adapter_symlinks_outside_roots is True
+    with pytest.raises(ValueError, match="allow_adapter_symlinks_outside_roots"):
+        EngineConfig(model=base, allow_adapter_symlinks_outside_roots="yes")
