@@ -143,11 +143,13 @@ class DecodeGraphs:
         host["seq_lens"][:n] = step.seq_lens
         host["seq_lens"][n:b] = 1
         # Only the blocks below a row's seq_len are read: the step's tables, and the first block of
-        # the padding rows (the scratch page); columns past a table may hold stale pages.
+        # the padding rows. Columns past a table may name stale pages of other requests (attention
+        # masks their values); a padding row's whole table is the scratch page, so even a gather
+        # of the padded width (the reference op) touches no page that a request owns.
         block_tables = host["block_tables"]
         for row, table in enumerate(step.block_tables):
             block_tables[row, :len(table)] = table
-        block_tables[n:b, 0] = self.scratch_page
+        block_tables[n:b] = self.scratch_page
         lora = self._fill_lora(b, step) if step.adapter_pages else frozenset()
         self.arena.upload(self.arena.end_of("block_tables", b))
         if not self.capture:

@@ -95,7 +95,8 @@ class ModelRunner:
         # one page = one KV block (K and V, block_size tokens) per layer
         self.page_size = 2 * self.block_size * c.num_kv_heads * c.head_dim
         self.num_pages = self._num_pages()
-        # one page more than the page manager hands out: the scratch page of padded graph rows
+        # one page more than the page manager hands out: the scratch page, which the decode graphs'
+        # padding rows read and write and block tables are padded with; no request reads it
         self.pool = torch.zeros(self.num_pages + 1, c.num_layers, self.page_size, dtype=self.dtype,
                                 device=self.device)
         self.kv_caches = self._kv_views(self.pool)
@@ -239,7 +240,9 @@ class ModelRunner:
             slot_mapping=to_device(step.slot_mapping, torch.int64, dev),
             query_start_loc=to_device(step.query_start_loc, torch.int32, dev),
             seq_lens=to_device(step.seq_lens, torch.int32, dev),
-            block_tables=to_device([t + [0] * (max_blocks - len(t)) for t in step.block_tables], torch.int32, dev),
+            # padded with the scratch page (no request's), not page 0 (some request's)
+            block_tables=to_device([t + [self.num_pages] * (max_blocks - len(t)) for t in step.block_tables],
+                                   torch.int32, dev),
             max_query_len=step.max_query_len,
             max_seq_len=max(step.seq_lens),
         )

@@ -45,6 +45,10 @@ class PageManager:
     def num_resident_adapters(self) -> int:
         return len(self._adapters)
 
+    def free_pages(self) -> list[int]:
+        """The pages no sequence or adapter owns (what they hold is stale: tests poison it)."""
+        return sorted(self._free)
+
     def num_evictable_pages(self) -> int:
         return sum(len(p) for name, p in self._adapters.items() if not self._pins.get(name))
 

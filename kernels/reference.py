@@ -134,6 +134,9 @@ def _decode_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         mask &= k_pos > lens[:, None] - 1 - sliding_window
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    # The padded keys are other requests' leftovers (freed pages, the scratch page): a weight of 0
+    # times a stale NaN or inf is NaN, so the values themselves are zeroed, not only their scores.
+    v = v.masked_fill(~mask[:, None, :, None], 0.0)
     out[rows] = torch.matmul(probs, v).reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
