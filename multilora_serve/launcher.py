@@ -36,6 +36,7 @@ import importlib.util
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -50,6 +51,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 ENGINE_ARGS_ENV = "MULTILORA_ENGINE_ARGS"
+ADMIN_KEY_ENV = "MULTILORA_ADMIN_KEY"
+ADMIN_KEY_HEADER = "multilora-admin-key"
+RESTRICTED_APIS = ("model-repository", "logging", "shared-memory")
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # what Triton 2.51 looks for in gRPC metadata
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 _LOG_TAIL_LINES = 200
 # The Python backend gives a stub 30 s by default to answer, initialize() included; a 7B model's
@@ -218,7 +223,7 @@ class TritonServer:
         self,
         model_repository: str | os.PathLike | None = None,
         *,
-        host: str = "0.0.0.0",
+        host: str = "127.0.0.1",
         http_port: int | None = 8000,
         grpc_port: int | None = 8001,
         metrics_port: int | None = 8002,
@@ -231,6 +236,8 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         model_control_mode: str = "explicit",
+        admin_key: str | None = None,
+        restrict_admin: bool = True,
     ) -> None:
         if model_control_mode not in MODEL_CONTROL_MODES:
             raise ValueError(f"model_control_mode must be one of {', '.join(MODEL_CONTROL_MODES)}, "
@@ -248,6 +255,11 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self.env = dict(env or {})
         self.model_control_mode = model_control_mode
+        # Triton's administrative APIs (model repository, logging, shared memory) answer only
+        # requests that carry this key in the header ADMIN_KEY_HEADER.
+        self.restrict_admin = restrict_admin
+        self.admin_key = (admin_key or os.environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)
+                          if restrict_admin else None)
         self.process: subprocess.Popen | None = None
         self._tmp_dir: Path | None = None
         self._log_lines: collections.deque[str] = collections.deque(maxlen=_LOG_TAIL_LINES)
@@ -295,8 +307,28 @@ class TritonServer:
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}",
             *self.model_control_args(),
+            *self.restricted_api_args(),
             *self.extra_args,
         ]
+
+    def restricted_api_args(self) -> list[str]:
+        """Any client may otherwise load and unload models, change the log settings and map
+        shared memory: those APIs need the admin key (``admin_headers``) unless
+        ``restrict_admin`` is false."""
+        if not self.restrict_admin:
+            return []
+        setting = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.admin_key}"
+        return [f"--http-restricted-api={setting}", f"--grpc-restricted-protocol={setting}"]
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """The HTTP header a client sends to use the restricted APIs (empty when not restricted)."""
+        return {ADMIN_KEY_HEADER: self.admin_key} if self.restrict_admin else {}
+
+    @property
+    def grpc_admin_headers(self) -> dict[str, str]:
+        """The same over gRPC, where Triton expects the key's name with a prefix."""
+        return {GRPC_HEADER_PREFIX + ADMIN_KEY_HEADER: self.admin_key} if self.restrict_admin else {}
 
     def model_control_args(self) -> list[str]:
         """``explicit``: every model of the repository is loaded at start, and clients may unload
@@ -489,8 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the multilora model with the tritonserver of the nvidia-pytriton wheel.")
     parser.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY),
                         help="Triton model repository (default: %(default)s)")
-    parser.add_argument("--host", default="0.0.0.0",
-                        help="address the HTTP, gRPC and metrics endpoints bind (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address the HTTP, gRPC and metrics endpoints bind (default: %(default)s, "
+                             "this machine only; 0.0.0.0: every interface)")
     parser.add_argument("--http-port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--grpc-port", type=int, default=8001, help="0 picks a free port")
     parser.add_argument("--metrics-port", type=int, default=8002, help="0 picks a free port")
@@ -499,6 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-control-mode", choices=MODEL_CONTROL_MODES, default="explicit",
                         help="tritonserver --model-control-mode; explicit (the default) loads "
                              "every model at start and lets clients load and unload them")
+    parser.add_argument("--admin-key", default=None,
+                        help=f"the key ({ADMIN_KEY_HEADER} header) that Triton's model-repository, logging "
+                             f"and shared-memory APIs ask for (default: ${ADMIN_KEY_ENV}, else a random one, "
+                             "printed at start)")
+    parser.add_argument("--no-restricted-api", action="store_true",
+                        help="leave those APIs open to every client")
     parser.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level")
     parser.add_argument("--ready-timeout", type=float, default=300.0,
                         help="seconds to wait for /v2/health/ready (default: %(default)s)")
@@ -537,7 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model_repository, host=args.host, http_port=args.http_port,
         grpc_port=args.grpc_port, metrics_port=args.metrics_port, engine_args=engine_args,
         log_verbose=args.log_verbose, ready_timeout=args.ready_timeout, log_file=args.log_file,
-        echo=True, extra_args=args.tritonserver_arg, model_control_mode=args.model_control_mode)
+        echo=True, extra_args=args.tritonserver_arg, model_control_mode=args.model_control_mode,
+        admin_key=args.admin_key, restrict_admin=not args.no_restricted_api)
 
     stop_requested = threading.Event()
 
@@ -564,6 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("HTTP:    %s  (e.g. %s/v2/models/multilora/generate)", server.http_url, server.http_url)
     log.info("gRPC:    %s", server.grpc_url)
     log.info("metrics: %s", server.metrics_url)
+    if server.restrict_admin:
+        log.info("admin:   model-repository, logging and shared-memory APIs need the header '%s: %s' "
+                 "(gRPC metadata '%s%s')", ADMIN_KEY_HEADER, server.admin_key, GRPC_HEADER_PREFIX, ADMIN_KEY_HEADER)
     log.info("multilora ready: http=%s grpc=%s metrics=%s", server.http_url, server.grpc_url, server.metrics_url)
     code = server.wait()
     server.stop()

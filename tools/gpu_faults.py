@@ -113,7 +113,7 @@ def engine_killed(engine_args: dict, num_requests: int, baseline: float | None, 
         result["memory_released_s"], result["memory_after_mib"] = wait_memory_back(baseline, killed)
         t = time.monotonic()
         request = urllib.request.Request(f"{server.http_url}/v2/repository/models/{MODEL}/load", data=b"",
-                                         method="POST")
+                                         method="POST", headers=server.admin_headers)
         with urllib.request.urlopen(request, timeout=600) as reply:
             result["reload_status"] = reply.status
         result["reload_s"] = time.monotonic() - t

@@ -86,7 +86,7 @@ def test_killed_engine_under_load_fails_live_requests_and_the_model_comes_back(s
 
     # loading the model again (explicit model control) brings a new engine process
     request = urllib.request.Request(f"{server.http_url}/v2/repository/models/{MODEL}/load", data=b"",
-                                     method="POST")
+                                     method="POST", headers=server.admin_headers)
     with urllib.request.urlopen(request, timeout=180) as reply:
         assert reply.status == 200
     assert model_ready(server) == 200

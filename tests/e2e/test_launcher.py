@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+import tritonclient.grpc as grpcclient
 
 from multilora_serve import launcher
 from multilora_serve.launcher import TritonServer, TritonServerError
@@ -132,12 +134,32 @@ def test_default_model_repository_is_the_projects():
     assert TritonServer().model_repository == ROOT / "model_repository"
 
 
+def test_admin_apis_are_restricted_by_default(monkeypatch):
+    monkeypatch.delenv("MULTILORA_ADMIN_KEY", raising=False)
+    server = TritonServer(ROOT / "model_repository")
+    assert server.host == "127.0.0.1"  # this machine only, unless asked
+    setting = f"model-repository,logging,shared-memory:multilora-admin-key={server.admin_key}"
+    command = server.command(Path("B"))
+    assert f"--http-restricted-api={setting}" in command and f"--grpc-restricted-protocol={setting}" in command
+    assert len(server.admin_key) >= 24 and server.admin_key != TritonServer().admin_key  # random each time
+    assert server.admin_headers == {"multilora-admin-key": server.admin_key}
+    assert server.grpc_admin_headers == {"triton-grpc-protocol-multilora-admin-key": server.admin_key}
+    monkeypatch.setenv("MULTILORA_ADMIN_KEY", "from-the-environment")
+    assert TritonServer().admin_key == "from-the-environment"
+    assert TritonServer(admin_key="given").admin_key == "given"
+    open_server = TritonServer(restrict_admin=False)
+    assert open_server.admin_headers == {} and not any("restricted" in a for a in open_server.command(Path("B")))
+    args = launcher.build_parser().parse_args([])
+    assert args.host == "127.0.0.1" and not args.no_restricted_api
+
+
 def test_model_control_arguments():
-    explicit = TritonServer(ROOT / "model_repository").command(Path("B"))
+    explicit = TritonServer(ROOT / "model_repository", restrict_admin=False).command(Path("B"))
     assert explicit[-2:] == ["--model-control-mode=explicit", "--load-model=*"]
     none = TritonServer(ROOT / "model_repository", model_control_mode="none").command(Path("B"))
     assert not any(arg.startswith(("--model-control-mode", "--load-model")) for arg in none)
-    poll = TritonServer(ROOT / "model_repository", model_control_mode="poll").command(Path("B"))
+    poll = TritonServer(ROOT / "model_repository", model_control_mode="poll",
+                        restrict_admin=False).command(Path("B"))
     assert poll[-1] == "--model-control-mode=poll"
     with pytest.raises(ValueError, match="model_control_mode must be one of explicit, none, poll"):
         TritonServer(model_control_mode="manual")
@@ -169,8 +191,8 @@ def test_server_starts_serves_and_stops(echo_repository: Path):
     assert http_status(f"{server.http_url}/v2/health/live") is None
 
 
-def _post(url: str) -> int:
-    request = urllib.request.Request(url, data=b"{}", method="POST")
+def _post(url: str, headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(url, data=b"{}", method="POST", headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=60) as reply:
             return reply.status
@@ -188,14 +210,24 @@ def test_explicit_model_control_loads_every_model_and_lets_clients_reload(echo_r
     try:
         for name in ("echo", "echo2"):  # --load-model=* loaded every model of the repository
             assert http_status(f"{server.http_url}/v2/models/{name}/ready") == 200
-        assert _post(f"{server.http_url}/v2/repository/models/echo/unload") == 200
+        # the repository API asks for the admin key: without it, nothing is unloaded
+        assert _post(f"{server.http_url}/v2/repository/models/echo/unload") != 200
+        assert _post(f"{server.http_url}/v2/logging") != 200
+        assert http_status(f"{server.http_url}/v2/models/echo/ready") == 200
+        assert _post(f"{server.http_url}/v2/repository/models/echo/unload", server.admin_headers) == 200
         deadline = time.monotonic() + 30
         while http_status(f"{server.http_url}/v2/models/echo/ready") == 200:
             assert time.monotonic() < deadline, "echo still ready 30 s after its unload"
             time.sleep(0.25)
-        assert _post(f"{server.http_url}/v2/repository/models/echo/load") == 200
+        assert _post(f"{server.http_url}/v2/repository/models/echo/load", server.admin_headers) == 200
         assert http_status(f"{server.http_url}/v2/models/echo/ready") == 200
         assert grpc_echo(server.grpc_url, "again")[0] == "again"
+        # over gRPC too
+        grpc_client = grpcclient.InferenceServerClient(server.grpc_url)
+        with pytest.raises(InferenceServerException):
+            grpc_client.unload_model("echo")
+        assert grpc_client.is_model_ready("echo")
+        grpc_client.unload_model("echo", headers=server.grpc_admin_headers)
     finally:
         code = server.stop()
     assert code == 0
