@@ -264,6 +264,17 @@ BAD_INPUTS = {
     "adapter_path_in_sampling": (dict(sampling={"lora_name": "../upper"}), "invalid_arg",
                                  ["lora_name"]),
     "adapter_not_a_string": (dict(sampling={"lora_name": 7}), "invalid_arg", ["lora_name"]),
+    # at their limits (each was INTERNAL, pad tokens or unbounded work once)
+    "seed_beyond_int64": (dict(sampling={"max_tokens": 4, "seed": 2 ** 64}), "invalid_arg", ["seed"]),
+    "temperature_nan": (dict(sampling={"max_tokens": 4, "temperature": "nan"}), "invalid_arg", ["temperature"]),
+    "top_p_nan": (dict(sampling={"max_tokens": 4, "top_p": "nan"}), "invalid_arg", ["top_p"]),
+    "stop_token_id_beyond_vocabulary": (dict(sampling={"max_tokens": 4, "min_tokens": 2, "stop_token_ids": [10 ** 6]}),
+                                        "invalid_arg", ["stop_token_ids"]),
+    "too_many_stop_strings": (dict(sampling={"max_tokens": 4, "stop": [str(i) for i in range(17)]}), "invalid_arg",
+                              ["stop"]),
+    "nested_too_deeply": (dict(sampling='{"stop": ' + "[" * 10_000 + "]" * 10_000 + "}"), "invalid_arg",
+                          ["sampling_parameters", "nested too deeply"]),
+    "one_mib_prompt": (dict(text="a" * (1 << 20), sampling={"max_tokens": 1}), "invalid_arg", ["text_input"]),
 }
 
 
