@@ -141,7 +141,11 @@ class AsyncEngine:
         except Exception as e:
             with self._loading_lock:
                 self._loading.pop(request_id, None)
-            error = e if isinstance(e, EngineError) else EngineError(f"loading adapter '{lora_name}' failed: {e}")
+            if isinstance(e, EngineError):
+                error = e
+            else:  # the details (paths) go to the log, not to the client
+                logger.exception("loading adapter '%s' failed", lora_name)
+                error = EngineError(f"loading adapter '{lora_name}' failed: an internal error (see the server's log)")
             on_output(RequestOutput(request_id=request_id, finished=True, finish_reason="error", error=error))
             return
         with self._loading_lock:
