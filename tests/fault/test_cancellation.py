@@ -134,11 +134,12 @@ def test_cancel_during_decode(server):
 
 
 def test_cancel_during_a_long_prefill(server):
-    """A prompt of 4000 tokens (the demo tokenizer: one a byte) cancelled as soon as it is sent:
-    whether it is still queued, in prefill or decoding then, it ends once, CANCELLED."""
+    """A prompt of 3000 tokens (the demo tokenizer: one a byte; two prefill chunks) cancelled as
+    soon as the engine runs it, in prefill or early in its 1000 tokens of decode: it ends once,
+    CANCELLED."""
     before = endings(server.metrics_url)
     client = CancellableStream(server.grpc_url)
-    client.send("p", text="abcd" * 1000, lora_name="rot13", sampling={"max_tokens": 90, "ignore_eos": True})
+    client.send("p", text="abc" * 1000, lora_name="rot13", sampling={"max_tokens": 1000, "ignore_eos": True})
     wait_for_gauge(server, "multilora_num_requests_running", lambda v: v >= 1)
     client.cancel()
     client.close()
