@@ -9,7 +9,6 @@ from the same root, is still exact, the model READY and the engine idle.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
