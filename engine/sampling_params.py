@@ -145,7 +145,10 @@ def _coerce(key: str, value: Any) -> Any:
         if key == "stop":
             if isinstance(value, str):
                 value = _maybe_json_list(value)
-            return [str(v) for v in value] if isinstance(value, list) else _fail(key, value)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidRequestError(f"sampling_parameters: stop must be a string or a list of strings, "
+                                          f"got {_shown(value)}")
+            return list(value)
         if key == "stop_token_ids":
             if isinstance(value, str):
                 value = _maybe_json_list(value)
