@@ -8,9 +8,17 @@ from typing import Any
 from engine.errors import InvalidRequestError
 
 
+MAX_ADAPTER_NAME_BYTES = 255  # an adapter is found as a folder of that name: a file-name limit
+
+
 def check_adapter_name(name: str, source: str = "lora_name") -> None:
-    """A plain name: no path separators, no '..', no leading dot, no spaces or control
-    characters. Names are ids, never paths."""
+    """A plain name of at most MAX_ADAPTER_NAME_BYTES bytes: no path separators, no '..', no
+    leading dot, no spaces or control characters. Names are ids, never paths."""
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_ADAPTER_NAME_BYTES:
+        raise InvalidRequestError(
+            f"lora_name {name[:32]!r}... (from {source}) is {size} bytes long; an adapter name has at most "
+            f"{MAX_ADAPTER_NAME_BYTES} bytes (it is a folder name)")
     if (not name or "/" in name or "\\" in name or ".." in name or name.startswith(".")
             or any(ch.isspace() or ord(ch) < 32 for ch in name)):
         raise InvalidRequestError(

@@ -108,7 +108,7 @@ def test_pickle_adapter_is_never_loaded(tmp_path, base_and_adapter):
         load_adapter("pickle", path, ModelConfig.from_dir(base), max_lora_rank=64)
 
 
-@pytest.mark.parametrize("name", ["../etc", "a/b", "a\\b", ".hidden", "", "a b"])
+@pytest.mark.parametrize("name", ["../etc", "a/b", "a\\b", ".hidden", "", "a b", "a" * 256, "é" * 128])
 def test_adapter_names_must_be_plain(name):
     with pytest.raises(InvalidRequestError):
         check_adapter_name(name)
