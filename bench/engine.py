@@ -21,13 +21,13 @@ import time
 
 import torch
 
+from bench.bandwidth import copy_bandwidth
 from bench.common import ALL_LINEAR, QKVO, device_name, random_adapter, write_model_dir
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 MAX_DISTINCT = 64  # distinct adapters in a batch (larger batches reuse them)
-COPY_BANDWIDTH = 3.0e12  # bytes/s, measured device-to-device on the H100 (TOOLCHAIN.md)
 
 
 def weight_bytes(engine: LLMEngine) -> int:
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    bandwidth = copy_bandwidth()  # bytes/s of this device, before the pool takes its memory
     model_dir = write_model_dir(tempfile.mkdtemp())
     engine = LLMEngine(EngineConfig(model=model_dir, load_format="dummy", dtype="float16", max_num_seqs=256,
                                     max_num_batched_tokens=8192, gpu_memory_utilization=0.9,
@@ -102,16 +103,18 @@ def main() -> None:
             sync_seconds, _ = decode_step_time(engine, batch, args.context, names, args.steps)
             engine.config.async_scheduling = True
             seconds, ctx = decode_step_time(engine, batch, args.context, names, args.steps)
-            floor = (w_bytes + a_bytes + batch * ctx * kv_per_token) / COPY_BANDWIDTH
+            floor = (w_bytes + a_bytes + batch * ctx * kv_per_token) / bandwidth
             rows.append({"batch": batch, "case": label, "step_ms": seconds * 1e3, "sync_step_ms": sync_seconds * 1e3,
                          "floor_ms": floor * 1e3, "frac_of_floor": floor / seconds, "tokens_per_s": batch / seconds})
             print(f"{batch:>5} | {label:<34} | {seconds * 1e3:8.2f} ms (sync {sync_seconds * 1e3:6.2f}) | "
                   f"floor {floor * 1e3:6.2f} ms | {floor / seconds:5.2f} of floor | {batch / seconds:9.0f} tok/s",
                   flush=True)
-    print(f"\ndevice: {device_name()}; command: {' '.join(sys.argv)}")
+    print(f"\ndevice: {device_name()}; copy bandwidth measured in this run: {bandwidth / 1e12:.2f} TB/s "
+          f"(the floor divides by it); command: {' '.join(sys.argv)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device_name(), "rows": rows}, f, indent=1)
+            json.dump({"device": device_name(), "copy_bandwidth_bytes_per_s": bandwidth,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Usage (repo root, CUDA machine):  PYTHONPATH=. python bench/kernels.py [--json P
 Times are medians of CUDA-graph replays; each graph runs the op over several input sets in turn
 (adapters and KV larger than L2 together), so repeated replays do not measure the cache.
 "bytes" = the fewest bytes the op must move (inputs read once, outputs written once; y is read
-and written); frac = bytes / time / 3.0 TB/s (device-to-device copy measured on the H100).
+and written); frac = bytes / time / the device-to-device copy bandwidth measured in the same run
+(bench/bandwidth.py).
 The torch reference is a fair vectorized implementation: decode LoRA gathers each token's
 adapter and uses bmm, prefill LoRA runs one matmul pair per segment, decode attention gathers
 the pages and calls scaled_dot_product_attention; prefill attention is also compared with
@@ -31,6 +32,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
     sys.path[0] = os.path.dirname(_HERE)
 
+from bench.bandwidth import copy_bandwidth
 from kernels import reference, tiles
 from kernels.lora_expand import lora_expand
 from kernels.lora_meta import LoRAStepMeta
@@ -38,7 +40,6 @@ from kernels.lora_shrink import lora_shrink
 from kernels.paged_attention import paged_decode_attention
 from kernels.prefill_attention import prefill_attention
 
-COPY_BYTES_PER_S = 3.0e12  # H100 device-to-device copy, bytes read + written (docs/TOOLCHAIN)
 L2_SPREAD_BYTES = 200e6  # rotate input sets until one graph replay touches this much
 DEVICE = "cuda"
 DTYPE = torch.float16
@@ -224,12 +225,12 @@ def bench_lora(case: LoraCase) -> dict:
     moved = setup.bytes_moved()
     if case.segment:
         target_bytes, target = moved, "frac(all)>=0.50 and >=1x ref"
-        met = moved / t / COPY_BYTES_PER_S >= 0.5 and t_ref / t >= 1.0
+        met = moved / t / copy_bandwidth() >= 0.5 and t_ref / t >= 1.0
     else:
         target_bytes, target = setup.adapter_bytes, "frac(adapters)>=0.60 and >=3x ref"
-        met = setup.adapter_bytes / t / COPY_BYTES_PER_S >= 0.6 and t_ref / t >= 3.0
+        met = setup.adapter_bytes / t / copy_bandwidth() >= 0.6 and t_ref / t >= 3.0
     return dict(case=case.name, us=t * 1e6, shrink_us=t_shrink * 1e6, mb=moved / 1e6, gbps=moved / t / 1e9,
-                frac_all=moved / t / COPY_BYTES_PER_S, frac_target=target_bytes / t / COPY_BYTES_PER_S,
+                frac_all=moved / t / copy_bandwidth(), frac_target=target_bytes / t / copy_bandwidth(),
                 ref_us=t_ref * 1e6, speedup=t_ref / t, vllm_us=VLLM_US.get(case.name), target=target, met=met,
                 rel_err=err, rotations=setup.rotations)
 
@@ -293,9 +294,9 @@ def bench_decode(context: int, num_seqs: int = 64) -> dict:
     t = time_graph([setup.decode])
     t_ref = time_graph([setup.sdpa], replays=10)
     moved = setup.kv_bytes() + 2 * setup.q.numel() * DTYPE.itemsize
-    frac = setup.kv_bytes() / t / COPY_BYTES_PER_S
+    frac = setup.kv_bytes() / t / copy_bandwidth()
     return dict(case=f"decode attention B={num_seqs} ctx={context} H32/KV8 D128", us=t * 1e6, mb=moved / 1e6,
-                gbps=moved / t / 1e9, frac_all=moved / t / COPY_BYTES_PER_S, frac_target=frac, ref_us=t_ref * 1e6,
+                gbps=moved / t / 1e9, frac_all=moved / t / copy_bandwidth(), frac_target=frac, ref_us=t_ref * 1e6,
                 speedup=t_ref / t, target="frac(KV)>=0.70", met=frac >= 0.7, rel_err=err, ref="gather+SDPA")
 
 
@@ -308,7 +309,7 @@ def bench_prefill(num_tokens: int = 2048) -> dict:
     flops = 4 * setup.num_heads * HEAD_DIM * num_tokens * (num_tokens + 1) / 2
     moved = setup.kv_bytes() + 2 * setup.q.numel() * DTYPE.itemsize
     return dict(case=f"prefill attention T={num_tokens} H32/KV8 D128 causal", us=t * 1e6, mb=moved / 1e6,
-                gbps=moved / t / 1e9, frac_all=moved / t / COPY_BYTES_PER_S, frac_target=None, tflops=flops / t / 1e12,
+                gbps=moved / t / 1e9, frac_all=moved / t / copy_bandwidth(), frac_target=None, tflops=flops / t / 1e12,
                 ref_us=t_ref * 1e6, speedup=t_ref / t, sdpa_us=t_sdpa * 1e6, target=">=3x reference",
                 met=t_ref / t >= 3.0, rel_err=err, ref="reference.paged_attention")
 
@@ -375,9 +376,11 @@ def main() -> None:
     import triton
     device = torch.cuda.get_device_name()
     command = "PYTHONPATH=. python " + " ".join(sys.argv)
-    header = f"device: {device}; torch {torch.__version__}; triton {triton.__version__}; command: {command}"
+    header = (f"device: {device}; copy bandwidth measured in this run {copy_bandwidth() / 1e12:.2f} TB/s; "
+              f"torch {torch.__version__}; triton {triton.__version__}; command: {command}")
     print(header, flush=True)
-    result = dict(device=device, command=command, torch=torch.__version__, triton=triton.__version__, rows=[])
+    result = dict(device=device, copy_bandwidth_bytes_per_s=copy_bandwidth(), command=command,
+                  torch=torch.__version__, triton=triton.__version__, rows=[])
     if args.sweep:
         result["sweep"] = sweep(time.time() + args.sweep_seconds)
     jobs = [lambda c=c: bench_lora(c) for c in LORA_CASES] + [bench_meta] + \
