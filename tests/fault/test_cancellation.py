@@ -87,6 +87,14 @@ def server(tmp_path_factory):
         server.stop()
 
 
+def cancel_and_expect(server, client, before, endings_expected: dict[str, int]) -> None:
+    """Cancel the stream, then every request has ended once as expected and the engine is idle."""
+    client.cancel()
+    client.close()
+    assert wait_for_endings(server, before, sum(endings_expected.values())) == endings_expected
+    wait_for_idle(server.metrics_url, server.baseline)
+
+
 def test_cancel_the_request_its_adapter_was_loaded_for(server):
     """The first request on an adapter not loaded yet (first in this file: nothing else names
     rot13), cancelled once the load is counted. The demo's adapters load in milliseconds, so the
@@ -100,10 +108,7 @@ def test_cancel_the_request_its_adapter_was_loaded_for(server):
     while loads() == loads_before:
         assert time.monotonic() < deadline, "rot13 was not loaded"
         time.sleep(0.02)
-    client.cancel()
-    client.close()
-    assert wait_for_endings(server, before, 1) == {"cancelled": 1}
-    wait_for_idle(server.metrics_url, server.baseline)
+    cancel_and_expect(server, client, before, {"cancelled": 1})
 
 
 def test_cancel_while_queued_behind_max_num_seqs(server):
@@ -114,10 +119,7 @@ def test_cancel_while_queued_behind_max_num_seqs(server):
         client.send(request_id, text="abc", lora_name="upper", sampling=LONG)
     wait_for_gauge(server, "multilora_num_requests_waiting", lambda v: v >= 2)
     wait_for_gauge(server, "multilora_num_requests_running", lambda v: v == MAX_NUM_SEQS)
-    client.cancel()
-    client.close()
-    assert wait_for_endings(server, before, len(ids)) == {"cancelled": len(ids)}
-    wait_for_idle(server.metrics_url, server.baseline)
+    cancel_and_expect(server, client, before, {"cancelled": len(ids)})
 
 
 def test_cancel_during_decode(server):
@@ -127,10 +129,7 @@ def test_cancel_during_decode(server):
     first = client.first_response("d")
     assert first.error is None and first.output_ids and not first.final
     wait_for_gauge(server, "multilora_kv_blocks_used", lambda v: v > server.baseline["multilora_kv_blocks_used"])
-    client.cancel()
-    client.close()
-    assert wait_for_endings(server, before, 1) == {"cancelled": 1}
-    wait_for_idle(server.metrics_url, server.baseline)
+    cancel_and_expect(server, client, before, {"cancelled": 1})
 
 
 def test_cancel_during_a_long_prefill(server):
@@ -141,10 +140,7 @@ def test_cancel_during_a_long_prefill(server):
     client = CancellableStream(server.grpc_url)
     client.send("p", text="abc" * 1000, lora_name="rot13", sampling={"max_tokens": 1000, "ignore_eos": True})
     wait_for_gauge(server, "multilora_num_requests_running", lambda v: v >= 1)
-    client.cancel()
-    client.close()
-    assert wait_for_endings(server, before, 1) == {"cancelled": 1}
-    wait_for_idle(server.metrics_url, server.baseline)
+    cancel_and_expect(server, client, before, {"cancelled": 1})
 
 
 def test_cancel_after_completion_changes_nothing(server):
@@ -155,10 +151,7 @@ def test_cancel_after_completion_changes_nothing(server):
     responses = client.collect(["c"], quiet_s=0.1)["c"]
     assert [r.final for r in responses].count(True) == 1 and responses[-1].final
     assert "".join(r.text for r in responses) == "HELLO"
-    client.cancel()
-    client.close()
-    assert wait_for_endings(server, before, 1) == {"success": 1}
-    wait_for_idle(server.metrics_url, server.baseline)
+    cancel_and_expect(server, client, before, {"success": 1})
 
 
 def test_cancel_many_streams_at_every_stage_at_once(server):
