@@ -1,6 +1,6 @@
 """Where a decode step's time goes: cProfile of engine.step() (host) and torch.profiler (kernels).
 
-    PYTHONPATH=. python tools/profile_step.py [--batch 32] [--lora none|mixed]
+    PYTHONPATH=. python tools/profile_step.py [--batch 32] [--lora none|mixed] [--rank 8] [--modules qkvo|all]
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import tempfile
 
 import torch
 
-from bench.common import QKVO, random_adapter, write_model_dir
+from bench.common import ALL_LINEAR, QKVO, random_adapter, write_model_dir
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -26,15 +26,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lora", default="none", choices=["none", "mixed"])
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--modules", default="qkvo", choices=["qkvo", "all"])
     args = ap.parse_args()
     engine = LLMEngine(EngineConfig(model=write_model_dir(tempfile.mkdtemp()), load_format="dummy", dtype="float16",
-                                    max_num_seqs=256, max_num_batched_tokens=8192))
+                                    max_num_seqs=256, max_num_batched_tokens=8192, warmup=False))
     runner = engine.runner
     names = [None] * args.batch
     if args.lora == "mixed":
         names = []
         for i in range(args.batch):
-            engine.lora.register(f"a{i}", random_adapter(f"a{i}", engine.model_config, 8, QKVO, i, runner.page_size,
+            engine.lora.register(f"a{i}", random_adapter(f"a{i}", engine.model_config, args.rank,
+                                                         QKVO if args.modules == "qkvo" else ALL_LINEAR, i, runner.page_size,
                                                          runner.dtype, pin_memory=True))
             names.append(f"a{i}")
     params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
