@@ -10,7 +10,7 @@
 #   tools/gpu_bench.sh coldstart # an empty kernel cache: start-up, then 120 s of S1 through tritonserver in
 #                                # two windows; then S1 through both paths on the cache it filled; carry .whl
 #   tools/gpu_bench.sh warmstart # tools/check_warm_start.py: kernels compiled at start-up and during traffic
-#   tools/gpu_bench.sh lora      # GPU tests, profiled LoRA decode steps (batch 1 and 64, rank 16 all-linear),
+#   tools/gpu_bench.sh lora      # GPU tests, eager profiles (LoRA-off batch 32; batch 1 and 64, rank 16 all-linear),
 #                                # bench/engine.py at batch 1, 32, 64, 256, bench/kernels.py
 #
 # Each step has its own time limit, so one that hangs does not take the others' time.
@@ -77,9 +77,10 @@ case "${1:-}" in
         gzip -f "$OUT"/tritonserver*.log
         ;;
     lora)
-        step 150 gpu_tests python -m pytest -q -m gpu tests/kernels tests/fidelity/test_gpu_fp16.py -p no:cacheprovider
-        step 80 profile1_lora python tools/profile_step.py --batch 1 --lora mixed --rank 16 --modules all
-        step 80 profile64_lora python tools/profile_step.py --batch 64 --lora mixed --rank 16 --modules all
+        step 200 gpu_tests python -m pytest -q -m gpu tests/kernels tests/fidelity/test_gpu_fp16.py -p no:cacheprovider
+        step 80 profile1_lora python tools/profile_step.py --eager --batch 1 --lora mixed --rank 16 --modules all
+        step 80 profile32_base python tools/profile_step.py --eager --batch 32
+        step 80 profile64_lora python tools/profile_step.py --eager --batch 64 --lora mixed --rank 16 --modules all
         step 260 engine python bench/engine.py --batches "${BATCHES:-1,32,64,256}" --json "$OUT/bench_engine_h200.json"
         [ -n "${KERNELS:-}" ] && step 150 kernels python bench/kernels.py --json "$OUT/bench_kernels_h200.json"
         ;;

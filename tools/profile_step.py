@@ -1,6 +1,6 @@
 """Where a decode step's time goes: cProfile of engine.step() (host) and torch.profiler (kernels).
 
-    PYTHONPATH=. python tools/profile_step.py [--batch 32] [--lora none|mixed] [--rank 8] [--modules qkvo|all]
+    PYTHONPATH=. python tools/profile_step.py [--batch 32] [--lora none|mixed] [--rank 8] [--modules qkvo|all] [--eager]
 """
 from __future__ import annotations
 
@@ -28,9 +28,11 @@ def main() -> None:
     ap.add_argument("--lora", default="none", choices=["none", "mixed"])
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--modules", default="qkvo", choices=["qkvo", "all"])
+    ap.add_argument("--eager", action="store_true", help="no decode graphs, so the profile lists each kernel")
     args = ap.parse_args()
     engine = LLMEngine(EngineConfig(model=write_model_dir(tempfile.mkdtemp()), load_format="dummy", dtype="float16",
-                                    max_num_seqs=256, max_num_batched_tokens=8192, warmup=False))
+                                    max_num_seqs=256, max_num_batched_tokens=8192, warmup=False,
+                                    decode_graphs="off" if args.eager else "auto"))
     runner = engine.runner
     names = [None] * args.batch
     if args.lora == "mixed":
