@@ -88,7 +88,7 @@ case "${1:-}" in
         step 500 warm_start python tools/check_warm_start.py --compare --json "$OUT/warm_start_h200.json"
         ;;
     *)
-        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart" >&2
+        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart|lora" >&2
         exit 2
         ;;
 esac
