@@ -240,8 +240,8 @@ class LLMEngine:
                            seq.request_id, seq.lora_name, where)
             error: Exception = AdapterQuarantinedError(
                 f"LoRA adapter '{seq.lora_name}' made {where} of this request: the request failed and the "
-                f"adapter is quarantined (its weights overflow {str(self.runner.dtype).removeprefix('torch.')} "
-                "on some inputs); its later requests are refused until the model is reloaded or the server "
+                f"adapter is quarantined (with it the model overflows {str(self.runner.dtype).removeprefix('torch.')}"
+                " on this input); its later requests are refused until the model is reloaded or the server "
                 "restarted")
         else:
             logger.warning("request %s on the base model: %s", seq.request_id, where)
