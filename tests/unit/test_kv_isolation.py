@@ -175,15 +175,16 @@ def gpu_jobs() -> list:
     return jobs
 
 
-def assert_same_gpu_outputs(got, clean) -> None:
-    """Tokens identical; log probabilities finite and equal to a clean run's within the last bits
-    (the LoRA shrink's split-K fp32 atomics sum in no fixed order)."""
-    assert [o.token_ids for o in got] == [o.token_ids for o in clean]
-    for g, c in zip(got, clean):
-        for gs, cs in zip(g.logprobs, c.logprobs):
-            assert gs.keys() == cs.keys()
-            for token, value in gs.items():
-                assert abs(value) < float("inf") and abs(value - cs[token]) <= 2e-2, (token, value, cs[token])
+@pytest.fixture
+def no_split_k(monkeypatch):
+    """The LoRA shrink without split K: its fp32 atomics sum in no fixed order, and the two runs
+    compared must be bitwise the same where no stale value is read."""
+    import dataclasses
+
+    from kernels import tiles
+
+    chosen = tiles.shrink_tiles
+    monkeypatch.setattr(tiles, "shrink_tiles", lambda *a, **k: dataclasses.replace(chosen(*a, **k), split_k=1))
 
 
 @pytest.mark.gpu
@@ -191,15 +192,15 @@ def assert_same_gpu_outputs(got, clean) -> None:
 @pytest.mark.parametrize("async_scheduling", [True, False])
 @pytest.mark.parametrize("decode_graphs", ["auto", "off"])  # auto on CUDA: captured CUDA graphs
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_gpu_paths_read_no_stale_kv(gpu_model, dtype, decode_graphs, async_scheduling):
+def test_gpu_paths_read_no_stale_kv(gpu_model, no_split_k, dtype, decode_graphs, async_scheduling):
     base, adapters = gpu_model
     # 128 pages of 16 tokens (r33 takes 64, r16 31): a few requests at a time, adapters evicted and
     # loaded again; prefill in chunks of 64 tokens beside decode rows; decode steps of 1 to 8 rows
     # in buckets 1, 2, 4, 8
     config = dict(kernels="triton", decode_graphs=decode_graphs, async_scheduling=async_scheduling,
                   block_size=16, num_pages=128, max_lora_rank=64, max_num_seqs=8, max_num_batched_tokens=64,
-                  dtype=dtype, device="cuda")
+                  dtype=dtype, device="cuda", warmup=False)
     jobs = gpu_jobs()
     clean = generate(base, adapters, jobs, False, **config)
     assert all(o.token_ids and o.error is None for o in clean)
-    assert_same_gpu_outputs(generate(base, adapters, jobs, True, **config), clean)
+    assert_same_outputs(generate(base, adapters, jobs, True, **config), clean)
