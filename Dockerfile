@@ -1,8 +1,15 @@
 # multilora on the NVIDIA Triton Inference Server container (GPU).
 #
 #   docker build -t multilora .
-#   docker run --gpus all --shm-size=1g -p 8000:8000 -p 8001:8001 -p 8002:8002 \
+#   docker run --gpus all --shm-size=1g -p 127.0.0.1:8000:8000 -p 127.0.0.1:8001:8001 \
+#       -p 127.0.0.1:8002:8002 -e MULTILORA_ADMIN_KEY=... \
 #       -v multilora-triton-cache:/var/cache/multilora/triton multilora
+#
+# As the launcher does by default, the command restricts Triton's model-repository, logging and
+# shared-memory APIs to clients sending the header multilora-admin-key (MULTILORA_ADMIN_KEY, else a
+# random key printed at start; MULTILORA_NO_RESTRICTED_API=1 opens them), and the ports above are
+# published on the host's loopback only: drop 127.0.0.1: to publish them on every interface, and
+# put a proxy with TLS and a body-size limit in front (docs/serving.md).
 #
 # The volume keeps Triton's compiled kernels (TRITON_CACHE_DIR): the engine compiles every kernel it
 # will use at start-up, which takes minutes on an empty cache and seconds on a kept one.
@@ -50,9 +57,7 @@ ENV TRITON_CACHE_DIR=/var/cache/multilora/triton
 VOLUME /var/cache/multilora/triton
 
 EXPOSE 8000 8001 8002
-# stub-timeout-seconds: the Python backend's default of 30 s is shorter than a 7B model's start.
-# Explicit model control: a client can unload the model and load it again
-# (POST /v2/repository/models/multilora/load), e.g. when it answers not-ready.
-CMD ["tritonserver", "--model-repository=/opt/multilora/model_repository", \
-     "--backend-config=python,stub-timeout-seconds=600", \
-     "--model-control-mode=explicit", "--load-model=multilora"]
+# multilora_serve/container.py: the image's tritonserver on /opt/multilora/model_repository, with a
+# stub timeout for a 7B model's start, explicit model control and the administrative APIs
+# restricted (`docker run IMAGE python3 -m multilora_serve.container ARGS` passes ARGS to tritonserver).
+CMD ["python3", "-m", "multilora_serve.container"]

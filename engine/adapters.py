@@ -15,6 +15,7 @@ from engine.errors import AdapterLoadError
 from engine.safetensors_io import read_safetensors
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 # |lora_alpha / r| (rsLoRA: lora_alpha / sqrt(r)) beyond it is no trained adapter (PEFT's
 # defaults give 1 or 2; published adapters stay below a few hundred), and it scales small
 # weights past float16's range.
@@ -86,10 +87,11 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int,
         raise fail(f"modules_to_save {cfg['modules_to_save']} is not supported (only LoRA on linear layers)")
     if cfg.get("fan_in_fan_out"):
         raise fail("fan_in_fan_out adapters are not supported")
-    try:
-        default_rank = int(cfg.get("r", 8))
-    except (TypeError, ValueError, OverflowError) as e:
-        raise fail(f"r must be an integer, got {cfg.get('r')!r}") from e
+    default_rank = _rank(cfg.get("r", 8))
+    if default_rank is None:
+        raise fail(f"r must be an integer >= 1 (the LoRA rank), got {_shown(cfg.get('r'))}")
+    if default_rank > max_lora_rank:
+        raise fail(f"r={default_rank} exceeds max_lora_rank={max_lora_rank} (raise max_lora_rank in engine.json)")
     try:
         default_alpha = float(cfg.get("lora_alpha", default_rank))
     except (TypeError, ValueError) as e:
@@ -98,6 +100,16 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int,
     alpha_pattern = cfg.get("alpha_pattern") or {}
     if not isinstance(alpha_pattern, dict):
         raise fail("alpha_pattern must be a JSON object of module patterns and lora_alpha values")
+    rank_pattern = cfg.get("rank_pattern") or {}
+    if not isinstance(rank_pattern, dict):
+        raise fail("rank_pattern must be a JSON object of module patterns and ranks")
+    for pattern, value in rank_pattern.items():
+        if _rank(value) is None:
+            raise fail(f"rank_pattern: the rank of {pattern!r} must be an integer >= 1, got {_shown(value)}")
+    targets = cfg.get("target_modules")
+    target_error = _check_targets(targets)
+    if target_error:
+        raise fail(target_error)
 
     shapes = model.projection_shapes()
     raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -141,10 +153,25 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int,
                        f"match the base model (expected ({rank}, {n_in}) and ({n_out}, {rank}))")
         if rank > max_lora_rank:
             raise fail(f"rank {rank} exceeds max_lora_rank={max_lora_rank} (raise max_lora_rank in engine.json)")
+        module_name = f"model.layers.{layer}.{'self_attn' if module in ATTENTION_MODULES else 'mlp'}.{module}"
         try:
             alpha = _alpha_for(f"model.layers.{layer}.{module}", alpha_pattern, default_alpha)
         except (TypeError, ValueError, re.error) as e:
             raise fail(f"alpha_pattern: {e}") from e
+        try:  # PEFT matches the module's name (model.layers.1.self_attn.q_proj); the name without
+            # the block is tried too, as alpha_pattern is looked up
+            configured, pattern = _pattern_value(module_name, rank_pattern, None)
+            if pattern is None:
+                configured, pattern = _pattern_value(f"model.layers.{layer}.{module}", rank_pattern, default_rank)
+        except re.error as e:
+            raise fail(f"rank_pattern: {e}") from e
+        if rank != int(configured):
+            said = f"rank_pattern {pattern!r} says {configured}" if pattern is not None else f"r={configured}"
+            raise fail(f"layer {layer} {module}: lora_A and lora_B have rank {rank}, but adapter_config.json's "
+                       f"{said} (PEFT refuses such an adapter; the config and the weights must agree)")
+        if not _is_targeted(module_name, targets):
+            raise fail(f"layer {layer} {module}: the adapter has weights for it, but adapter_config.json's "
+                       f"target_modules {_shown(targets)} does not name it")
         scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         if not (math.isfinite(scale) and abs(scale) <= MAX_ABS_SCALE):
             formula = "lora_alpha/sqrt(r)" if use_rslora else "lora_alpha/r"
@@ -155,6 +182,59 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int,
         max_rank = max(max_rank, rank)
     modules = tuple(m for m in LORA_MODULES if any(m in layer for layer in weights))
     return LoRAAdapter(name=name, path=path, rank=max_rank, modules=modules, weights=weights)
+
+
+def _rank(value) -> int | None:
+    """An adapter_config rank: an integer >= 1 (an integral float too, as JSON may write it); else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value) if value >= 1 else None
+
+
+def _shown(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _pattern_value(module_name: str, patterns: dict, default):
+    """(value, the pattern that gave it, or None): PEFT's rank_pattern/alpha_pattern lookup, a
+    key matching the end of the module's dotted name."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value, pattern
+    return default, None
+
+
+def _check_targets(targets) -> str | None:
+    """What is wrong with adapter_config.json's target_modules, or None. PEFT writes a list of
+    module names (a name matches a module whose dotted name ends with it), a regular expression
+    for the whole dotted name, or "all-linear"; absent, the tensors alone decide."""
+    if targets is None or targets == "all-linear":
+        return None
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            return f"target_modules {_shown(targets)} is not a valid regular expression ({e})"
+        return None
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        return (f"target_modules must be a list of module names or a regular expression, got "
+                f"{_shown(targets)}")
+    unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in LORA_MODULES]
+    if unknown:
+        return (f"target_modules {_shown(unknown)}: multilora serves LoRA on {', '.join(LORA_MODULES)} only "
+                "(embed_tokens, lm_head and other modules are not supported)")
+    return None
+
+
+def _is_targeted(module_name: str, targets) -> bool:
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
 
 
 def _alpha_for(module_name: str, alpha_pattern: dict[str, float], default: float) -> float:
@@ -207,8 +287,9 @@ def read_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int, p
 def pack_adapter(adapter: LoRAAdapter, model: ModelConfig, page_size: int, dtype: torch.dtype,
                  pin_memory: bool = False) -> PackedAdapter:
     """Raises AdapterLoadError if a weight is NaN or Inf, or becomes Inf in ``dtype``, or if the
-    weight update it makes, scale * B @ A, holds values beyond ``dtype`` (checked once, on the
-    packed buffer: a few passes over the bytes instead of small ops per tensor)."""
+    weight update it makes, scale * B @ A, can output values beyond what serving in ``dtype``
+    holds (``_update_overflow``; checked once, on the packed buffer: a few passes over the bytes
+    instead of small ops per tensor)."""
     shapes = model.projection_shapes()
     ranks, a_offsets, b_offsets, scales = {}, {}, {}, {}
     offset = 0
@@ -282,16 +363,25 @@ def _all_finite(data: torch.Tensor) -> bool:
     return data.numel() == 0 or int((data.view(int_type) & mask).max()) != mask
 
 
-def _update_overflow(packed: PackedAdapter, shapes: dict[str, tuple[int, int]]) -> str | None:
-    """Which layer and module has a weight update scale * B @ A with a value beyond the largest
-    finite value of the packed dtype, or None.
+def serving_limit(dtype: torch.dtype) -> float:
+    """The largest activation the residual stream can carry when serving in ``dtype``: the
+    dtype's largest value, and at most the square root of float32's, since RMSNorm squares its
+    input in float32 (1.8e19: for float32 and bfloat16 that is the tighter bound)."""
+    return min(torch.finfo(dtype).max, math.sqrt(torch.finfo(torch.float32).max))
 
-    Each value of B @ A sums r products, so |scale| * r * max|A| * max|B| bounds them all: two
-    reductions per module over every layer at once (about 40 ms for a 7B rank-16 adapter in
-    float16 on one CPU core). Only a module whose bound is over is multiplied out (float32), so
-    the check is exact and costs a matmul only for an adapter near the limit."""
+
+def _update_overflow(packed: PackedAdapter, shapes: dict[str, tuple[int, int]]) -> str | None:
+    """Which layer and module has a weight update scale * B @ A whose output, for an input of
+    entries in [-1, 1] (hidden states after RMSNorm are of that order), can go beyond
+    ``serving_limit``, or None. That output is at most the update's largest row sum of
+    magnitudes, ||scale * B @ A||_inf; a bound on an element alone misses an update of finite
+    entries that sums past the limit over the input's width, or overflows the norm after it.
+
+    ||B @ A||_inf <= ||B||_inf * ||A||_inf: two reductions per module over every layer at once.
+    Only a layer whose bound is over is multiplied out (float32), so the check is exact and costs
+    a matmul only for an adapter near the limit."""
     data = packed.data
-    largest = torch.finfo(data.dtype).max
+    limit = serving_limit(data.dtype)
     num_layers = data.shape[0]
     for m, r in packed.ranks.items():
         if not r:
@@ -299,20 +389,18 @@ def _update_overflow(packed: PackedAdapter, shapes: dict[str, tuple[int, int]]) 
         n_in, n_out = shapes[m]
         a = data[:, packed.a_offsets[m]:packed.a_offsets[m] + r * n_in].view(num_layers, r, n_in)
         b_t = data[:, packed.b_offsets[m]:packed.b_offsets[m] + r * n_out].view(num_layers, r, n_out)
-        bound = (abs(packed.scales[m]) * r * _max_abs(a).double() * _max_abs(b_t).double()).tolist()  # [L]
-        for layer in (i for i, value in enumerate(bound) if value > largest):
-            update = abs(packed.scales[m]) * (b_t[layer].float().t() @ a[layer].float()).abs().max().item()
-            if not update <= largest:  # NaN too: Inf * 0 in the float32 product
-                return (f"layer {layer} {m}: scale * lora_B @ lora_A reaches {update:.3g}, beyond "
-                        f"{str(data.dtype).removeprefix('torch.')}'s largest value {largest:.6g} (lora_alpha, "
-                        "lora_A and lora_B are too large together; serve with dtype float32, or rescale)")
+        a_norm = a.float().abs().sum(dim=2).amax(dim=1).double()  # [L]: max over ranks of sum over inputs
+        b_norm = b_t.float().abs().sum(dim=1).amax(dim=1).double()  # [L]: max over outputs of sum over ranks
+        bound = (abs(packed.scales[m]) * a_norm * b_norm).tolist()
+        for layer in (i for i, value in enumerate(bound) if not value <= limit):
+            update = b_t[layer].float().t() @ a[layer].float()  # [n_out, n_in]
+            largest = abs(packed.scales[m]) * update.abs().sum(dim=1).max().item()
+            if not largest <= limit:  # NaN too: Inf * 0 in the float32 product
+                dtype = str(data.dtype).removeprefix("torch.")
+                return (f"layer {layer} {m}: scale * lora_B @ lora_A gives outputs up to {largest:.3g} for inputs "
+                        f"of magnitude 1, beyond {limit:.3g}, the largest activation {dtype} serving holds "
+                        "(lora_alpha, lora_A and lora_B are too large together; rescale them)")
     return None
-
-
-def _max_abs(x: torch.Tensor) -> torch.Tensor:
-    """x: [L, ...] -> [L], max |x| per layer: amax and amin, as abs() of half precision is slow on CPUs."""
-    flat = x.reshape(x.shape[0], -1)
-    return torch.maximum(flat.amax(dim=1), -flat.amin(dim=1))
 
 
 def _non_finite(adapter: LoRAAdapter, dtype: torch.dtype) -> str:

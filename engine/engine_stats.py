@@ -25,3 +25,5 @@ class EngineStats:
     generation_tokens_total: int = 0
     num_preemptions_total: int = 0
     steps_total: int = 0
+    num_non_finite_requests_total: int = 0  # failed for non-finite logits (their adapters quarantined)
+    num_adapters_quarantined: int = 0

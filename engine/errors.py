@@ -35,3 +35,14 @@ class CheckpointError(ValueError):
 class EngineUnavailableError(EngineError):
     """The engine is not running (its process died, or the model is being unloaded). Triton:
     UNAVAILABLE."""
+
+
+class AdapterQuarantinedError(AdapterLoadError):
+    """An adapter whose request made non-finite logits (NaN or Inf) at run time: that request
+    failed, and the adapter's later requests are refused until the model is reloaded. Triton:
+    INVALID_ARG (the adapter named by the request cannot be served)."""
+
+
+class NonFiniteLogitsError(EngineError):
+    """The base model's logits for a request are not finite (NaN or Inf): the request failed, the
+    others of its batch did not. Triton: INTERNAL (nothing in the request is wrong)."""

@@ -13,14 +13,15 @@ from transformers import AutoTokenizer
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.engine_stats import EngineStats
-from engine.errors import InvalidRequestError
+from engine.errors import AdapterQuarantinedError, InvalidRequestError, NonFiniteLogitsError
 from engine.lora_manager import LoRAManager
 from engine.model_runner import ModelRunner, SampledTokens
 from engine.page_manager import PageManager
 from engine.request_checks import check_prompt, check_prompt_size
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.sampler import TokenLogprobs
+from engine.quarantine import AdapterQuarantine
+from engine.sampler import NON_FINITE, TokenLogprobs
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence, Status
 from engine.warmup import maybe_warm_up
@@ -55,6 +56,7 @@ class LLMEngine:
                                 config.max_host_adapter_bytes, self.runner.page_size, self.runner.dtype,
                                 pin_memory=self.runner.device.type == "cuda",
                                 allow_symlinks_outside_roots=config.allow_adapter_symlinks_outside_roots)
+        self.quarantine = AdapterQuarantine()  # adapters that made non-finite logits: refused
         self.eos_token_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
         self._prefetching: dict[str, tuple] = {}  # adapter prefetches in flight: name -> (event, staging)
@@ -113,6 +115,8 @@ class LLMEngine:
                 f"sampling_parameters: max_tokens={params.max_tokens} is beyond the context: the prompt has "
                 f"{len(ids)} tokens and max_model_len is {self.max_model_len}, so at most "
                 f"{self.max_model_len - len(ids)} can be generated")
+        if lora_name:
+            self.quarantine.check(lora_name)
         lora = self.lora.acquire(lora_name) if lora_name else None
         try:
             return self._new_sequence(request_id, ids, params, lora_name or None, lora)
@@ -213,6 +217,9 @@ class LLMEngine:
             seq.num_pending -= 1
             if seq.is_finished:  # ended (or aborted) while this step ran
                 continue
+            if token == NON_FINITE:
+                outputs.append(self._fail_non_finite(seq))
+                continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self._append_token(seq, token, token_logprobs)
@@ -221,6 +228,32 @@ class LLMEngine:
                 self._finish(seq)
             outputs.append(self._delta(seq, flush=seq.is_finished))
         return outputs
+
+    def _fail_non_finite(self, seq: Sequence) -> RequestOutput:
+        """End a request whose logits are not finite (the rest of its batch goes on), and
+        quarantine its adapter: whatever made them (weights that overflow on some inputs) is
+        the adapter's, and would spoil its next requests too."""
+        where = f"non-finite logits (NaN or Inf) at output token {len(seq.output_token_ids) + 1}"
+        if seq.lora_name:
+            self.quarantine.add(seq.lora_name, f"a request on it made {where}")
+            logger.warning("request %s on LoRA adapter '%s': %s; the adapter is quarantined",
+                           seq.request_id, seq.lora_name, where)
+            error: Exception = AdapterQuarantinedError(
+                f"LoRA adapter '{seq.lora_name}' made {where} of this request: the request failed and the "
+                f"adapter is quarantined (with it the model overflows {str(self.runner.dtype).removeprefix('torch.')}"
+                " on this input); its later requests are refused until the model is reloaded or the server "
+                "restarted")
+        else:
+            logger.warning("request %s on the base model: %s", seq.request_id, where)
+            error = NonFiniteLogitsError(
+                f"the base model made {where} of this request (it overflows "
+                f"{str(self.runner.dtype).removeprefix('torch.')} on this input): the request failed")
+        self.stats.num_non_finite_requests_total += 1
+        seq.finish_reason = "error"
+        self._finish(seq)
+        out = self._delta(seq, flush=True)
+        out.error = error
+        return out
 
     def _prefetch(self) -> None:
         """Start copying the adapters of waiting requests into free pool pages (side stream on CUDA)."""
@@ -264,6 +297,7 @@ class LLMEngine:
         s.adapter_evictions_total = self.pages.num_adapter_evictions
         s.adapter_prefetches_total = self.scheduler.adapter_prefetches
         s.num_preemptions_total = self.scheduler.num_preemptions
+        s.num_adapters_quarantined = len(self.quarantine.names())
         return EngineStats(**vars(s))
 
     # --- per-sequence bookkeeping -----------------------------------------------------------

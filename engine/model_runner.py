@@ -14,7 +14,7 @@ from engine.lora_batch import LoRABatch
 from engine.model import AttentionMetadata, Transformer
 from engine.ops import Ops, to_device
 from engine.page_manager import PageManager
-from engine.sampler import StepLogprobs, TokenLogprobs, sample
+from engine.sampler import StepLogprobs, TokenLogprobs, mark_non_finite, sample
 from engine.scheduler import StepPlan
 from engine.step_inputs import StepInputs, prepare
 
@@ -226,7 +226,8 @@ class ModelRunner:
         if not sampling_seqs:
             return SampledTokens([], torch.zeros(0, dtype=torch.int64), None)
         tokens, logprobs = sample(logits, sampling_seqs, eos_token_ids, self.generator)
-        self.token_buf[:tokens.shape[0]].copy_(tokens)
+        self.token_buf[:tokens.shape[0]].copy_(tokens)  # ids in the vocabulary: the next step may feed them
+        tokens = mark_non_finite(logits, tokens)  # the host sees NON_FINITE where a row's logits are not finite
         host = None if self._host_tokens is None else self._host_tokens[self._num_launched % 2]
         self._num_launched += 1
         return SampledTokens(sampling_seqs, tokens, host, logprobs)

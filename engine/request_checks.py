@@ -54,11 +54,25 @@ def check_prompt_size(prompt: str, max_model_len: int) -> None:
             f"be ({MAX_PROMPT_BYTES_PER_TOKEN} bytes per token of max_model_len={max_model_len})")
 
 
+# Python refuses to turn more decimal digits than this into an int (sys.get_int_max_str_digits;
+# the conversion is quadratic); json.loads would fail on such a number with a message naming no key.
+MAX_INT_DIGITS = 4300
+
+
+def _parse_int(digits: str) -> int:
+    """An integer of JSON; one of more than MAX_INT_DIGITS digits becomes +-10**MAX_INT_DIGITS,
+    beyond every limit, so the check of the field that holds it names the field."""
+    if len(digits.lstrip("-")) <= MAX_INT_DIGITS:
+        return int(digits)
+    return -10 ** MAX_INT_DIGITS if digits.startswith("-") else 10 ** MAX_INT_DIGITS
+
+
 def parse_json(text: str, what: str) -> Any:
     """json.loads, every failure an InvalidRequestError naming ``what``: text that is not JSON,
-    and JSON nested deeper than the parser's recursion limit (json.loads raises RecursionError)."""
+    and JSON nested deeper than the parser's recursion limit (json.loads raises RecursionError).
+    Integers too long for Python's int parsing come back beyond every limit (``_parse_int``)."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_int=_parse_int)
     except RecursionError:
         raise InvalidRequestError(f"{what}: nested too deeply") from None
     except ValueError as error:

@@ -10,6 +10,9 @@ import torch
 from engine.ops import to_device
 from engine.sequence import Sequence
 
+# The token of a row whose logits hold NaN or Inf, on its way to the host (never fed back).
+NON_FINITE = -1
+
 
 @dataclass
 class StepLogprobs:
@@ -69,6 +72,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int,
     num_top = min(max(seqs[row].params.logprobs for row in logprob_rows), logits.shape[-1])
     values, ids = compute_logprobs(raw, tokens, to_device(logprob_rows, torch.int64, logits.device), num_top)
     return tokens, StepLogprobs(logprob_rows, values, ids)
+
+
+def mark_non_finite(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """logits: [N, V]; tokens: [N] -> tokens with NON_FINITE where a row of ``logits`` holds NaN,
+    +Inf or -Inf. One fused reduction over the logits (aminmax: a row's min and max are finite
+    exactly when all of it is; NaN propagates into both) and three ops on [N]; it travels to the
+    host with the tokens, so it costs no synchronization of its own."""
+    low, high = torch.aminmax(logits, dim=-1)
+    return torch.where(torch.isfinite(low) & torch.isfinite(high), tokens, NON_FINITE)
 
 
 def compute_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from engine.errors import InvalidRequestError
-from engine.request_checks import parse_json
+from engine.request_checks import MAX_INT_DIGITS, parse_json
 
 MAX_LOGPROBS = 20  # most likely tokens returned per position at most (vLLM's default max_logprobs)
 # Below it a temperature is greedy (vLLM's _SAMPLING_EPS): logits / 1e-39 overflow float32 to
@@ -180,6 +180,8 @@ def _fail(key: str, value: Any) -> Any:
 def _shown(value: Any, limit: int = 100) -> str:
     """repr for a message, cut to ``limit`` characters (repr of an int of more than 4300 digits
     raises ValueError)."""
+    if isinstance(value, int) and abs(value) >= 10 ** MAX_INT_DIGITS:
+        return f"an integer of more than {MAX_INT_DIGITS} digits"
     try:
         text = repr(value)
     except ValueError:

@@ -24,6 +24,7 @@ from engine.errors import EngineError
 from engine.lora_batch import GROUPS
 from engine.lora_manager import LoRAManager
 from engine.page_manager import PageManager
+from engine.quarantine import AdapterQuarantine
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.warmup_plan import AdapterSpec, EngineShape, Job, plan_warmup
@@ -169,7 +170,8 @@ def _scratch_state(engine: "LLMEngine", adapters: list[AdapterSpec]):
     """The engine with fresh bookkeeping of the same limits and the warm-up's adapters in its host
     tier; its own bookkeeping back afterwards, whatever happened."""
     runner = engine.runner
-    saved = {name: getattr(engine, name) for name in ("pages", "scheduler", "lora", "stats", "seqs", "_prefetching")}
+    saved = {name: getattr(engine, name)
+             for name in ("pages", "scheduler", "lora", "stats", "seqs", "_prefetching", "quarantine")}
     saved_generator = runner.generator
     own_lora = engine.lora
     engine.pages = PageManager(saved["pages"].num_pages, saved["pages"].block_size)
@@ -179,6 +181,7 @@ def _scratch_state(engine: "LLMEngine", adapters: list[AdapterSpec]):
     engine.lora = LoRAManager(own_lora.model, {}, [], own_lora.max_lora_rank, 1 << 62, own_lora.page_size,
                               own_lora.dtype, own_lora.pin_memory)
     engine.stats = EngineStats(num_pages_total=engine.pages.num_pages)
+    engine.quarantine = AdapterQuarantine()  # whatever the synthetic steps give, serving starts clean
     engine.seqs = {}
     engine._prefetching = {}
     runner.generator = torch.Generator(device=runner.device)

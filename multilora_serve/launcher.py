@@ -205,6 +205,13 @@ def parse_engine_args(items: Sequence[str]) -> dict[str, Any]:
     return result
 
 
+def restricted_api_args(admin_key: str) -> list[str]:
+    """tritonserver arguments that make its model-repository, logging and shared-memory APIs,
+    over HTTP and gRPC, answer only requests carrying ``admin_key`` in the header ADMIN_KEY_HEADER."""
+    setting = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={admin_key}"
+    return [f"--http-restricted-api={setting}", f"--grpc-restricted-protocol={setting}"]
+
+
 class TritonServer:
     """One tritonserver process on a model repository.
 
@@ -315,10 +322,7 @@ class TritonServer:
         """Any client may otherwise load and unload models, change the log settings and map
         shared memory: those APIs need the admin key (``admin_headers``) unless
         ``restrict_admin`` is false."""
-        if not self.restrict_admin:
-            return []
-        setting = f"{','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.admin_key}"
-        return [f"--http-restricted-api={setting}", f"--grpc-restricted-protocol={setting}"]
+        return restricted_api_args(self.admin_key) if self.restrict_admin else []
 
     @property
     def admin_headers(self) -> dict[str, str]:

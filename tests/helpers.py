@@ -102,3 +102,56 @@ def write_raw_adapter(path: str, num_layers: int, shapes: dict[str, tuple[int, i
         json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha if alpha is not None else 2 * rank,
                    "target_modules": modules, "lora_dropout": 0.0, "bias": "none", "use_rslora": False}, f)
     return path
+
+
+def write_overflowing_adapter(path: str, base_path: str, candidate_ids: range = range(5, 100)) -> int:
+    """A PEFT adapter that every load check passes and that overflows float32 on one token only.
+
+    Rank 1 on layer 0's q_proj and k_proj: both read one dimension j of the normed embedding and
+    write it, times c, into every dimension of attention head 0. A token t's q.k on itself (the
+    attention score before its scale) is then about head_dim * (c * x_tj)^2, past float32's
+    largest value (Inf, then
+    NaN from the softmax) exactly when |x_tj| is above a threshold that only the returned token
+    id reaches (j: the dimension where a token of ``candidate_ids``, the demo's printable
+    characters by default, stands furthest above all others, specials too). The
+    update's largest output for inputs of magnitude 1 is c (about 4e18), within the load bound:
+    what gives it away is the input, at run time. Base weights are read from ``base_path``
+    (its model.safetensors, Llama layout)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    with open(os.path.join(base_path, "config.json")) as f:
+        config = json.load(f)
+    w = load_file(os.path.join(base_path, "model.safetensors"))
+    embed = w["model.embed_tokens.weight"].double()
+    x = embed * torch.rsqrt(embed.pow(2).mean(-1, keepdim=True) + config["rms_norm_eps"])
+    x = (x * w["model.layers.0.input_layernorm.weight"].double()).abs()  # [V, H]
+    candidates = torch.tensor(list(candidate_ids))
+    best = x[candidates].max(dim=0)  # per dimension: the candidate furthest out
+    tokens = candidates[best.indices]  # [H]
+    rest = x.clone()
+    rest[tokens, torch.arange(x.shape[1])] = 0
+    runner_up = rest.max(dim=0).values  # every other token, specials too
+    j = int((best.values / runner_up).argmax())
+    token = int(tokens[j])
+    threshold = float((best.values[j] * runner_up[j]).sqrt())  # between the two, in ratio
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    limit = float(torch.finfo(torch.float32).max)
+    c = (limit / head_dim) ** 0.5 / threshold  # q.k of the trigger on itself: head_dim * (c * x)^2 > limit
+    hidden, kv = config["hidden_size"], config["num_key_value_heads"] * head_dim
+    prefix = "base_model.model.model.layers.0.self_attn"
+    tensors = {}
+    for module, n_out in (("q_proj", config["num_attention_heads"] * head_dim), ("k_proj", kv)):
+        a = torch.zeros(1, hidden)
+        a[0, j] = 1.0
+        b = torch.zeros(n_out, 1)
+        b[:head_dim, 0] = c
+        tensors[f"{prefix}.{module}.lora_A.weight"] = a
+        tensors[f"{prefix}.{module}.lora_B.weight"] = b
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["q_proj", "k_proj"],
+                   "layers_to_transform": [0], "lora_dropout": 0.0, "bias": "none", "use_rslora": False}, f)
+    return token

@@ -86,32 +86,9 @@ class StreamClient:
              lora_name: str | None = None, stream: bool = True, sampling: Any = None,
              parameters: dict[str, Any] | None = None, requested_outputs: tuple[str, ...] = (),
              **bool_inputs: bool) -> None:
-        """``sampling``: a dict (sent as JSON) or a str (sent as is); ``requested_outputs``:
-        the outputs to ask for (none: all of them)."""
-        request = service_pb2.ModelInferRequest(model_name=MODEL, id=request_id)
-        for name in requested_outputs:
-            request.outputs.add().name = name
-        request.parameters["triton_enable_empty_final_response"].bool_param = True
-        for key, value in (parameters or {}).items():
-            if isinstance(value, bool):
-                request.parameters[key].bool_param = value
-            elif isinstance(value, int):
-                request.parameters[key].int64_param = value
-            else:
-                request.parameters[key].string_param = str(value)
-        if text is not None:
-            _add_bytes(request, "text_input", [text.encode()])
-        if input_ids is not None:
-            _add_raw(request, "input_ids", "INT32", np.asarray(input_ids, dtype=np.int32))
-        if lora_name is not None:
-            _add_bytes(request, "lora_name", [lora_name.encode()])
-        if sampling is not None:
-            value = sampling if isinstance(sampling, str) else json.dumps(sampling)
-            _add_bytes(request, "sampling_parameters", [value.encode()])
-        _add_raw(request, "stream", "BOOL", np.asarray([stream], dtype=np.bool_))
-        for name, value in bool_inputs.items():
-            _add_raw(request, name, "BOOL", np.asarray([value], dtype=np.bool_))
-        self._outgoing.put(request)
+        """Arguments as ``build_request``."""
+        self._outgoing.put(build_request(request_id, text, input_ids, lora_name, stream, sampling, parameters,
+                                         requested_outputs, **bool_inputs))
 
     def collect(self, request_ids: list[str], timeout: float = 60.0,
                 quiet_s: float = 0.3) -> dict[str, list[Response]]:
@@ -152,10 +129,43 @@ class StreamClient:
     def _read(self) -> None:
         try:
             for message in self._call:
-                self._incoming.put(_parse(message))
+                self._incoming.put(parse_response(message))
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.CANCELLED:
                 self._incoming.put(error)
+
+
+def build_request(request_id: str, text: str | None = None, input_ids: list[int] | None = None,
+                  lora_name: str | None = None, stream: bool = True, sampling: Any = None,
+                  parameters: dict[str, Any] | None = None, requested_outputs: tuple[str, ...] = (),
+                  **bool_inputs: bool) -> Any:
+    """A ModelInferRequest of the multilora model. ``sampling``: a dict (sent as JSON) or a str
+    (sent as is); ``requested_outputs``: the outputs to ask for (none: all of them). It asks for
+    ``triton_enable_empty_final_response``, so every response says whether it is final."""
+    request = service_pb2.ModelInferRequest(model_name=MODEL, id=request_id)
+    for name in requested_outputs:
+        request.outputs.add().name = name
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    for key, value in (parameters or {}).items():
+        if isinstance(value, bool):
+            request.parameters[key].bool_param = value
+        elif isinstance(value, int):
+            request.parameters[key].int64_param = value
+        else:
+            request.parameters[key].string_param = str(value)
+    if text is not None:
+        _add_bytes(request, "text_input", [text.encode()])
+    if input_ids is not None:
+        _add_raw(request, "input_ids", "INT32", np.asarray(input_ids, dtype=np.int32))
+    if lora_name is not None:
+        _add_bytes(request, "lora_name", [lora_name.encode()])
+    if sampling is not None:
+        value = sampling if isinstance(sampling, str) else json.dumps(sampling)
+        _add_bytes(request, "sampling_parameters", [value.encode()])
+    _add_raw(request, "stream", "BOOL", np.asarray([stream], dtype=np.bool_))
+    for name, value in bool_inputs.items():
+        _add_raw(request, name, "BOOL", np.asarray([value], dtype=np.bool_))
+    return request
 
 
 def generate(http_url: str, body: dict[str, Any], stream: bool = False,
@@ -228,7 +238,7 @@ def _add_raw(request: Any, name: str, datatype: str, array: np.ndarray | None,
     request.raw_input_contents.append(raw if raw is not None else array.tobytes())
 
 
-def _parse(message: Any) -> Response:
+def parse_response(message: Any) -> Response:
     infer = message.infer_response
     final = infer.parameters["triton_final_response"].bool_param \
         if "triton_final_response" in infer.parameters else False

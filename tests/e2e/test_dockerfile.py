@@ -6,6 +6,8 @@ import re
 import shlex
 from pathlib import Path
 
+from multilora_serve import container, launcher
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -59,16 +61,47 @@ def test_every_copy_source_exists():
             assert (ROOT / source).exists(), f"COPY source {source} does not exist"
 
 
+def cmd() -> list[str]:
+    return json.loads([rest for keyword, rest in instructions() if keyword == "CMD"][-1])
+
+
 def test_cmd_serves_the_copied_model_repository():
-    cmd = [rest for keyword, rest in instructions() if keyword == "CMD"][-1]
-    argv = json.loads(cmd)
-    assert argv[0] == "tritonserver"
-    repository = next(a.split("=", 1)[1] for a in argv if a.startswith("--model-repository="))
+    argv = cmd()
+    assert argv == ["python3", "-m", "multilora_serve.container"]
+    command, _ = container.tritonserver_argv({})
+    assert command[0] == "tritonserver"
+    repository = next(a.split("=", 1)[1] for a in command if a.startswith("--model-repository="))
     destinations = {
         dest if dest.startswith("/") else f"{workdir().rstrip('/')}/{dest.removeprefix('./')}"
         for sources, dest in copies() if sources == ["model_repository"]}
     assert repository.rstrip("/") in {d.rstrip("/") for d in destinations}
     assert (ROOT / "model_repository" / "multilora" / "config.pbtxt").is_file()
+    assert ["multilora_serve"] in [sources for sources, _ in copies()]  # the module the CMD runs
+
+
+def test_cmd_restricts_the_administrative_apis_as_the_launcher_does():
+    """Any client could otherwise load and unload models and change Triton's logging: the
+    image's command asks for the admin key, the one given or a random one."""
+    command, key = container.tritonserver_argv({launcher.ADMIN_KEY_ENV: "s3cret"})
+    assert key == "s3cret"
+    assert launcher.restricted_api_args("s3cret") == [a for a in command if "restricted" in a]
+    for flag in ("--http-restricted-api=", "--grpc-restricted-protocol="):
+        (setting,) = [a.removeprefix(flag) for a in command if a.startswith(flag)]
+        apis, _, header = setting.partition(":")
+        assert set(apis.split(",")) == {"model-repository", "logging", "shared-memory"}
+        assert header == f"{launcher.ADMIN_KEY_HEADER}=s3cret"
+    first, second = (container.tritonserver_argv({})[1] for _ in range(2))
+    assert first and second and first != second and len(first) >= 24  # random, never a fixed default
+    command, key = container.tritonserver_argv({container.NO_RESTRICTED_API_ENV: "1"})
+    assert key is None and not [a for a in command if "restricted" in a]
+    assert "--model-control-mode=explicit" in command
+    assert container.tritonserver_argv({}, ["--log-verbose=1"])[0][-1] == "--log-verbose=1"
+
+
+def test_published_ports_in_the_usage_are_on_the_hosts_loopback():
+    usage = [line for line in DOCKERFILE.read_text().splitlines() if line.startswith("#") and " -p " in line]
+    published = re.findall(r"-p (\S+)", " ".join(usage))
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
 
 
 def test_engine_json_paths_resolve_inside_the_image():

@@ -17,6 +17,15 @@ def failure_counts(metrics_url: str) -> dict[str, float]:
             for reason in REASONS}
 
 
+def endings(metrics_url: str) -> dict[str, float]:
+    """The failure counter by reason, and the success counter as "success"."""
+    metrics = read_metrics(metrics_url)
+    counts = {reason: metric_value(metrics, "multilora_request_failure_total", model=MODEL, reason=reason)
+              for reason in REASONS}
+    counts["success"] = metric_value(metrics, "multilora_request_success_total", model=MODEL)
+    return counts
+
+
 def failure_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {reason: after[reason] - before[reason] for reason in REASONS if after[reason] != before[reason]}
 

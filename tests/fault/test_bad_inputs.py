@@ -101,8 +101,13 @@ CASES = {
     "max_tokens_-1": (sp(max_tokens=-1), INVALID, ["max_tokens"]),
     "max_tokens_2^31": (sp(max_tokens=2 ** 31), INVALID, ["max_tokens"]),
     "max_tokens_2^64": (sp(max_tokens=2 ** 64), INVALID, ["max_tokens"]),
-    # JSON of an integer past Python's 4300-digit limit fails to parse: the message names the input
-    "max_tokens_10^5000": (raw_sp('{"max_tokens": 1' + "0" * 5000 + "}"), INVALID, ["sampling_parameters"]),
+    # integers past Python's 4300-digit limit of int parsing: the message names the field
+    "max_tokens_10^5000": (raw_sp('{"max_tokens": 1' + "0" * 5000 + "}"), INVALID,
+                           ["max_tokens", "more than 4300 digits"]),
+    "seed_-10^5000": (raw_sp('{"seed": -1' + "0" * 5000 + "}"), INVALID, ["seed", "more than 4300 digits"]),
+    "top_k_10^5000": (raw_sp('{"top_k": 1' + "0" * 5000 + "}"), INVALID, ["top_k"]),
+    "temperature_10^5000": (raw_sp('{"temperature": 1' + "0" * 5000 + "}"), INVALID, ["temperature"]),
+    "stop_token_ids_10^5000": (raw_sp('{"stop_token_ids": [1' + "0" * 5000 + "]}"), INVALID, ["stop_token_ids"]),
     "max_tokens_past_context": (sp(max_tokens=MAX_MODEL_LEN + 1), INVALID, ["max_tokens"]),
     "max_tokens_abc": (sp(max_tokens="abc"), INVALID, ["max_tokens"]),
     "max_tokens_1.5": (sp(max_tokens=1.5), INVALID, ["max_tokens"]),

@@ -193,6 +193,14 @@ CASES = {
     "alpha_pattern_bad_regex": (config(alpha_pattern={"(": 8}), INVALID, ["alpha_pattern"]),
     "alpha_pattern_infinite": (config(alpha_pattern={"q_proj": 1e300 * 1e300}), INVALID, ["lora_alpha"]),
     "target_modules_unknown": (config(target_modules=["lm_head"]), INVALID, ["target_modules"]),
+    "target_modules_missing_one": (config(target_modules=["q_proj"]), INVALID, ["v_proj", "target_modules"]),
+    "target_modules_number": (config(target_modules=5), INVALID, ["target_modules"]),
+    "target_modules_regex_misses": (config(target_modules=r".*\.k_proj"), INVALID, ["q_proj", "target_modules"]),
+    "target_modules_bad_regex": (config(target_modules="("), INVALID, ["target_modules"]),
+    "rank_pattern_disagrees": (config(rank_pattern={"v_proj": 8}), INVALID, ["v_proj", "rank_pattern"]),
+    "rank_pattern_zero": (config(rank_pattern={"q_proj": 0}), INVALID, ["rank_pattern"]),
+    "rank_pattern_list": (config(rank_pattern=[4]), INVALID, ["rank_pattern"]),
+    "r_bool": (config(r=True), INVALID, ["r must be"]),
     # tensors
     "rank_above_max_lora_rank": (lambda path: good(path, rank=MAX_LORA_RANK + 1), INVALID, ["max_lora_rank"]),
     "a_wrong_in_features": (set_tensor(key(), torch.zeros(4, 127)), INVALID, ["layer 0 q_proj", "lora_A"]),
@@ -278,23 +286,7 @@ def assert_upper_is_exact(server) -> None:
     assert response.error is None and response.text == "HELLO", response
 
 
-# Cases that pass today for want of a rule: strict, so each fails loudly once its rule lands.
-CONFIG_R = ("adapter_config.json's r is read only as lora_alpha's default (engine/adapters.py load_adapter): "
-            "the rank comes from the tensors, so r = 0, < 0, fractional, above max_lora_rank or unlike the "
-            "tensors' rank (PEFT refuses such an adapter) is served")
-XFAIL = {
-    "r_zero": CONFIG_R, "r_negative": CONFIG_R, "r_fraction": CONFIG_R, "r_above_max_lora_rank": CONFIG_R,
-    "r_disagrees_with_tensors": CONFIG_R,
-    "target_modules_unknown": ("adapter_config.json's target_modules is never read: a module the base model "
-                               "lacks (lm_head here) is ignored and the tensors decide"),
-    "update_overflows_float32": ("the load check bounds |scale * B @ A| by the dtype's largest value only: an "
-                                 "update of about 3e36, finite in float32, is served, the forward pass overflows to "
-                                 "NaN and greedy sampling answers token 0 (pad) for every step, with no error"),
-}
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=XFAIL[c]))
-                                  if c in XFAIL else c for c in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 def test_broken_adapter_is_refused(server, case):
     _, reason, words = CASES[case]
     before = failure_counts(server.metrics_url)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from e2e_helpers import MODEL, MODEL_REPOSITORY, StreamClient, metric_value, read_metrics, start_server
-from fault_helpers import REASONS, idle_gauges, is_ready, settled_baseline, wait_for_idle
+from fault_helpers import endings, idle_gauges, is_ready, settled_baseline, wait_for_idle
 
 pytestmark = pytest.mark.e2e
 
@@ -37,14 +37,6 @@ class CancellableStream(StreamClient):
             if item.request_id == request_id:
                 return item
         raise AssertionError(f"no response to {request_id} within {timeout} s")
-
-
-def endings(metrics_url: str) -> dict[str, float]:
-    metrics = read_metrics(metrics_url)
-    counts = {reason: metric_value(metrics, "multilora_request_failure_total", model=MODEL, reason=reason)
-              for reason in REASONS}
-    counts["success"] = metric_value(metrics, "multilora_request_success_total", model=MODEL)
-    return counts
 
 
 def wait_for_endings(server, before: dict[str, float], num_requests: int) -> dict[str, float]:

@@ -170,7 +170,8 @@ def test_packing_matches_layer_by_layer(tmp_path, base_and_adapter, irregular):
             for key in tensors:
                 tensors[key] = tensors[key].to(torch.bfloat16)
         path = broken_copy(good, tmp_path / "irregular", edit,
-                           lambda cfg: cfg.update(alpha_pattern={"layers.1.q_proj": 12}))
+                           lambda cfg: cfg.update(alpha_pattern={"layers.1.q_proj": 12},
+                                                  rank_pattern={"layers.1.self_attn.q_proj": 4}))
     adapter = load_adapter("x", path, model, 64)
     packed = pack_adapter(adapter, model, page_size=512, dtype=torch.float32)
     shapes = model.projection_shapes()
@@ -233,21 +234,34 @@ def _set_weights(a_value, b_value, a_rows=None, b_cols=None):
 
 
 def test_weight_updates_beyond_the_serving_dtype_are_refused(tmp_path, base_and_adapter, caplog):
-    """scale * B @ A: the good adapter's scale is 4/8 and its rank 8, so A = B = 100 gives 40000
-    (float16's largest value is 65504) and B = 200 gives 80000. Each weight alone is finite in
-    float16: only the product overflows."""
+    """scale * B @ A: the good adapter's scale is 4/8 and its rank 8, so A = B = 10 makes every
+    entry of the update 400 and a row of q_proj's (64 inputs) sum to 25600, within float16's
+    65504; B = 30 makes it 76800, beyond. Each entry alone is far within float16's range: the
+    output over the input's width overflows."""
     base, good = base_and_adapter
-    fits = broken_copy(good, tmp_path / "fits", _set_weights(100.0, 100.0))
+    fits = broken_copy(good, tmp_path / "fits", _set_weights(10.0, 10.0))
     assert _load(fits, base, torch.float16).num_pages > 0
-    over = broken_copy(good, tmp_path / "over", _set_weights(100.0, 200.0))
+    over = broken_copy(good, tmp_path / "over", _set_weights(10.0, 30.0))
     with caplog.at_level("WARNING", logger="multilora"):
         with pytest.raises(AdapterLoadError, match=r"^LoRA adapter 'bad': layer 0 q_proj: scale \* lora_B @ lora_A "
-                                                   r"reaches 8e\+04, beyond float16's largest value 65504") as caught:
+                                                   r"gives outputs up to 7.68e\+04 for inputs of magnitude 1, beyond "
+                                                   r"6.55e\+04, the largest activation float16") as caught:
             _load(over, base, torch.float16)
     assert str(tmp_path) not in str(caught.value)
     assert str(over) in caplog.text  # the path is in the server's log, not in the client's message
     assert _load(over, base, torch.float32).num_pages > 0
     assert _load(over, base, torch.bfloat16).num_pages > 0
+
+
+def test_finite_updates_that_overflow_float32_downstream_are_refused(tmp_path, base_and_adapter):
+    """Entries of 1e17 are finite in float32, and so is each entry of the update (4e34 here), but
+    a hidden state of 1e19 or more overflows the next RMSNorm's square (float32 max 3.4e38): the
+    limit for float32 and bfloat16 serving is the square root of float32's largest value."""
+    base, good = base_and_adapter
+    path = broken_copy(good, tmp_path / "huge", _set_weights(1e17, 1e17))
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(AdapterLoadError, match=r"lora_B @ lora_A gives outputs up to .* beyond 1.84e\+19"):
+            _load(path, base, dtype)
 
 
 def test_the_cheap_bound_alone_refuses_nothing(tmp_path, base_and_adapter):

@@ -110,3 +110,16 @@ def test_huge_values_are_cut_in_messages():
     with pytest.raises(InvalidRequestError) as caught:
         SamplingParams.from_dict({"top_k": "x" * 100_000})
     assert "top_k" in str(caught.value) and len(str(caught.value)) < 200
+
+
+@pytest.mark.parametrize("key", ["max_tokens", "min_tokens", "seed", "top_k", "logprobs", "temperature", "top_p"])
+@pytest.mark.parametrize("sign", ["", "-"])
+def test_integers_of_more_than_4300_digits_name_their_field(key, sign):
+    """Python's int parsing stops at 4300 digits; such a number in the JSON is refused by the
+    field's own check, not as JSON that does not parse."""
+    from engine.request_checks import parse_json
+
+    values = parse_json(f'{{"{key}": {sign}1{"0" * 5000}}}', "sampling_parameters")
+    with pytest.raises(InvalidRequestError, match=rf"^sampling_parameters: {key}") as caught:
+        SamplingParams.from_dict(values)
+    assert len(str(caught.value)) < 300

@@ -38,6 +38,8 @@ COUNTERS = {
     "multilora_adapter_evictions_total": "Adapters evicted from the GPU pool.",
     "multilora_preemptions_total": "Running requests preempted (recomputed later).",
     "multilora_engine_steps_total": "Engine steps run (one batch of prefill and decode tokens each).",
+    "multilora_non_finite_requests_total": "Requests failed for non-finite logits (NaN or Inf); the rest of "
+                                           "their batch went on.",
     "vllm:prompt_tokens_total": "Number of prefill tokens processed.",
     "vllm:generation_tokens_total": "Number of generation tokens processed.",
     "vllm:num_preemptions_total": "Cumulative number of preemption from the engine.",
@@ -52,6 +54,7 @@ GAUGES = {
     "multilora_adapter_pages_used": "Pages of the pool holding adapter weights.",
     "multilora_adapters_loaded": "Adapters resident in the GPU pool.",
     "multilora_adapters_resident": "Adapters resident per tier.",
+    "multilora_adapters_quarantined": "Adapters refused since one of their requests made non-finite logits.",
     "vllm:num_requests_running": "Number of requests currently running on GPU.",
     "vllm:num_requests_waiting": "Number of requests waiting to be processed.",
     "vllm:gpu_cache_usage_perc": "GPU KV-cache usage. 1 means 100 percent usage.",
@@ -76,6 +79,7 @@ _STAT_GAUGES = [
     (("multilora_adapters_loaded",), (), ("num_adapters_loaded", "num_adapters_gpu")),
     (("multilora_adapters_resident",), (("tier", "gpu"),), ("num_adapters_gpu",)),
     (("multilora_adapters_resident",), (("tier", "host"),), ("num_adapters_host",)),
+    (("multilora_adapters_quarantined",), (), ("num_adapters_quarantined",)),
 ]
 # counters <- increments of a cumulative engine.stats() field
 _STAT_COUNTERS = [
@@ -86,6 +90,7 @@ _STAT_COUNTERS = [
     (("multilora_adapter_evictions_total",), "adapter_evictions_total"),
     (("multilora_preemptions_total", "vllm:num_preemptions_total"), "num_preemptions_total"),
     (("multilora_engine_steps_total",), "steps_total"),
+    (("multilora_non_finite_requests_total",), "num_non_finite_requests_total"),
 ]
 
 Labels = tuple  # extra labels as ((key, value), ...)
