@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -138,13 +139,26 @@ class DriverRunner(ShardRunner):
         code = worker.wait()
         if self._stopping.is_set():
             return
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        self.dead = f"tensor-parallel rank {rank} (pid {worker.pid}) {how}"
+        from engine.core_client import describe_exit
+        self.dead = f"tensor-parallel rank {rank} (pid {worker.pid}) {describe_exit(code)}"
         logger.error("%s", self.dead)
         if self.death_callback is not None:
             self.death_callback(self.dead)
 
+    def _rank_failure(self, error: Exception) -> Exception:
+        """A collective failed (gloo sees a dead peer's closed socket): say which rank died."""
+        deadline = time.monotonic() + 1.0  # for the watch thread to see the exit
+        while self.dead is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return RuntimeError(self.dead) if self.dead is not None else error
+
     # --- the step: one plan out, the forward pass together, tokens back out ------------------
+    def run(self, *args, **kwargs):
+        try:
+            return super().run(*args, **kwargs)
+        except RuntimeError as error:
+            raise self._rank_failure(error) from error
+
     def _forward_eager(self, step: StepInputs) -> torch.Tensor:
         self.tp.send_plan(("step", dataclasses.replace(step, sampling_seqs=[])))
         return super()._forward_eager(step)
@@ -178,7 +192,8 @@ class DriverRunner(ShardRunner):
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
-        self.tp.close()
+        if self.dead is None:  # a group with a dead rank is left as it is (tearing it down blocks)
+            self.tp.close()
 
 
 class FollowerRunner(ShardRunner):
