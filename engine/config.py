@@ -213,11 +213,11 @@ class EngineConfig:
             self.fully_sharded_loras = self.fully_sharded_loras.lower() == "true"
         if not isinstance(self.fully_sharded_loras, bool):
             raise ValueError(f"engine config: fully_sharded_loras must be true or false, got {self.fully_sharded_loras!r}")
-        if isinstance(self.tensor_parallel_size, bool) or int(self.tensor_parallel_size) != self.tensor_parallel_size \
-                or int(self.tensor_parallel_size) < 1:
-            raise ValueError("engine config: tensor_parallel_size must be an integer >= 1, got "
-                             f"{self.tensor_parallel_size!r}")
-        self.tensor_parallel_size = int(self.tensor_parallel_size)
+        size = self.tensor_parallel_size
+        if isinstance(size, str) and size.strip().isdigit():
+            size = self.tensor_parallel_size = int(size)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"engine config: tensor_parallel_size must be an integer >= 1, got {size!r}")
         if not isinstance(self.allow_adapter_symlinks_outside_roots, bool):
             raise ValueError("engine config: allow_adapter_symlinks_outside_roots must be true or false, got "
                              f"{self.allow_adapter_symlinks_outside_roots!r}")
