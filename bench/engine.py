@@ -2,7 +2,7 @@
 its memory-bandwidth floor: LoRA off, one adapter for the whole batch, and every sequence its own.
 
     PYTHONPATH=. python bench/engine.py [--batches 1,8,32,64,128,256] [--context 256] [--json out.json]
-        [--shape 7b|13b|70b|tiny] [--tensor-parallel-size N] [--fully-sharded-loras]
+        [--shape 7b|13b|70b|tiny] [--tensor-parallel-size N] [--fully-sharded-loras] [--max-distinct 64]
 
 With ``--tensor-parallel-size N`` the engine runs on N GPUs (load_format dummy: each rank makes
 its own shard's random weights); the floor is then one GPU's: its shard of the weights, of the
@@ -33,7 +33,6 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
-MAX_DISTINCT = 64  # distinct adapters in a batch (larger batches reuse them)
 
 
 def weight_bytes(engine: LLMEngine) -> int:
@@ -83,6 +82,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--json", default=None)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="7b")
+    ap.add_argument("--max-distinct", type=int, default=64,
+                    help="distinct adapters in a batch (larger batches reuse them; fewer make a 70B run start sooner)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--fully-sharded-loras", action="store_true", help="S-LoRA's sharding (mode 2)")
     args = ap.parse_args()
@@ -100,7 +101,7 @@ def main() -> None:
     setups = {"rank 8 q,k,v,o": (8, QKVO), "rank 16 all-linear": (16, ALL_LINEAR)}
     adapters = {}
     for label, (rank, modules) in setups.items():
-        for i in range(min(max(batches), MAX_DISTINCT)):
+        for i in range(min(max(batches), args.max_distinct)):
             name = f"{label.split()[1]}-{len(modules)}-{i}"
             adapters.setdefault(label, []).append(name)
             engine.lora.register(name, random_adapter(name, mc, rank, modules, i, runner.page_size, runner.dtype,

@@ -93,8 +93,10 @@ class TensorParallel:
         self.rank, self.size = layout.rank, layout.size
         self.device = device
         backend = "nccl" if device.type == "cuda" else "gloo"
+        # NCCL: bound to this rank's device, its communicator made now (not at the first collective)
+        bound = {"device_id": torch.device("cuda", torch.cuda.current_device())} if backend == "nccl" else {}
         dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.size,
-                                timeout=PLAN_TIMEOUT if backend == "gloo" else RENDEZVOUS_TIMEOUT)
+                                timeout=PLAN_TIMEOUT if backend == "gloo" else RENDEZVOUS_TIMEOUT, **bound)
         self.group = dist.group.WORLD
         self.host_group = self.group if backend == "gloo" else dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
         self._vocab_end = layout.vocab_start + layout.vocab_size

@@ -30,7 +30,7 @@ import torch
 from engine.adapters import PackedAdapter
 from engine.config import EngineConfig, ModelConfig
 from engine.lora_batch import LoRABatch
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, pick_device_dtype
 from engine.parallel import ShardLayout, TensorParallel
 from engine.sharding import load_shard, shard_adapter
 from engine.step_inputs import StepInputs
@@ -110,17 +110,15 @@ class DriverRunner(ShardRunner):
                            "--max-model-len", str(max_model_len), "--config", json.dumps(dataclasses.asdict(config)),
                            "--parent-pid", str(os.getpid())]
                 workers.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
-            device = torch.device(config.device if config.device != "auto"
-                                  else ("cuda" if torch.cuda.is_available() else "cpu"))
-            tp = TensorParallel(layout, device, init_method)
+            tp = TensorParallel(layout, pick_device_dtype(config)[0], init_method)
             runner = cls(config, model_config, max_model_len, tp)
         except BaseException:
             for w in workers:
                 w.kill()
                 w.wait()
-            raise
-        finally:
             shutil.rmtree(rendezvous, ignore_errors=True)
+            raise
+        runner._rendezvous = rendezvous  # the group's store: kept while the group lives
         runner._start_watch(workers)
         logger.info("tensor parallel: %d ranks (%s), followers %s; LoRA %s", size, tp.device,
                     [w.pid for w in workers], "fully sharded" if config.fully_sharded_loras else "default mode")
@@ -194,6 +192,7 @@ class DriverRunner(ShardRunner):
                 worker.wait()
         if self.dead is None:  # a group with a dead rank is left as it is (tearing it down blocks)
             self.tp.close()
+        shutil.rmtree(self._rendezvous, ignore_errors=True)
 
 
 class FollowerRunner(ShardRunner):

@@ -4,6 +4,8 @@ Started by ``tp_runner.DriverRunner.start`` as
 ``python -m engine.tp_worker --rank R --init-method file://... --max-model-len N --config JSON``.
 It loads its shard, then carries out rank 0's plans until told to stop. It dies with its parent
 (PR_SET_PDEATHSIG, and a watch on the parent's pid), as the engine process does with the stub.
+PR_SET_PDEATHSIG fires when the parent's *thread* that started it ends: make the engine in a
+thread that lives as long as the engine (the engine process makes it in its main thread).
 """
 from __future__ import annotations
 
@@ -27,14 +29,14 @@ def serve(rank: int, init_method: str, max_model_len: int, config_json: str, par
     import torch
 
     from engine.config import EngineConfig, ModelConfig
+    from engine.model_runner import pick_device_dtype
     from engine.parallel import ShardLayout, TensorParallel
     from engine.tp_runner import FollowerRunner
 
     config = EngineConfig(**json.loads(config_json))
     model_config = ModelConfig.from_dir(config.model)
     layout = ShardLayout.of(model_config, rank, config.tensor_parallel_size, config.fully_sharded_loras)
-    device = torch.device(config.device if config.device != "auto"
-                          else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device_dtype(config)[0]
     if device.type == "cuda":
         torch.cuda.set_device(rank)  # rank r on the r-th visible device
     tp = TensorParallel(layout, device, init_method)
