@@ -14,15 +14,18 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import pickle
+import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
 from engine.config import ModelConfig
 
-# Followers wait for rank 0's next plan on the host group for as long as the server is idle.
+# Followers wait for rank 0's next plan on the host group for as long as the server is idle; a
+# collective of the model's waits at most COLLECTIVE_TIMEOUT (ranks load their weights at once).
 PLAN_TIMEOUT = datetime.timedelta(days=365)
-RENDEZVOUS_TIMEOUT = datetime.timedelta(seconds=300)
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=600)
 # torch 2.13 renames all_gather_into_tensor (2.11 has only the old name)
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -88,17 +91,30 @@ def check_divisible(config: ModelConfig, size: int, fully_sharded_loras: bool) -
 class TensorParallel:
     """This process's rank in the group, and the collectives the sharded model calls."""
 
-    def __init__(self, layout: ShardLayout, device: torch.device, init_method: str) -> None:
+    def __init__(self, layout: ShardLayout, device: torch.device, store_path: str,
+                 waiting: Callable[[], None] | None = None) -> None:
+        """Meet the other ranks through a file store at ``store_path`` (in a private directory).
+        Rank 0 first waits until every rank has said it is there, calling ``waiting()`` meanwhile
+        (which raises to give up: a rank that died would be waited for until the timeout)."""
         self.layout = layout
         self.rank, self.size = layout.rank, layout.size
         self.device = device
         backend = "nccl" if device.type == "cuda" else "gloo"
+        store = dist.FileStore(store_path, self.size)
+        if self.rank:
+            store.set(f"multilora/present/{self.rank}", b"1")
+        else:
+            keys = [f"multilora/present/{r}" for r in range(1, self.size)]
+            while not store.check(keys):
+                if waiting is not None:
+                    waiting()
+                time.sleep(0.02)
         # NCCL: bound to this rank's device, its communicator made now (not at the first collective)
         bound = {"device_id": torch.device("cuda", torch.cuda.current_device())} if backend == "nccl" else {}
-        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.size,
-                                timeout=PLAN_TIMEOUT if backend == "gloo" else RENDEZVOUS_TIMEOUT, **bound)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.size,
+                                timeout=COLLECTIVE_TIMEOUT, **bound)
         self.group = dist.group.WORLD
-        self.host_group = self.group if backend == "gloo" else dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
+        self.host_group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
         self._vocab_end = layout.vocab_start + layout.vocab_size
 
     def close(self) -> None:

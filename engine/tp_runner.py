@@ -95,28 +95,36 @@ class DriverRunner(ShardRunner):
 
     @classmethod
     def start(cls, config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> "DriverRunner":
-        """Start the N - 1 follower processes and meet them (torch.distributed, file:// rendezvous
-        in a private directory, so parallel servers cannot collide)."""
+        """Start the N - 1 follower processes and meet them (torch.distributed, a file store in a
+        private directory, so parallel servers cannot collide)."""
         size = config.tensor_parallel_size
         layout = ShardLayout.of(model_config, 0, size, config.fully_sharded_loras)  # refuses bad sizes first
         rendezvous = tempfile.mkdtemp(prefix="multilora-tp-")
-        init_method = f"file://{os.path.join(rendezvous, 'store')}"
+        store = os.path.join(rendezvous, "store")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the stub ignores PYTHONPATH
         workers = []
         try:
             for rank in range(1, size):
-                command = [_python(), "-m", "engine.tp_worker", "--rank", str(rank), "--init-method", init_method,
+                command = [_python(), "-m", "engine.tp_worker", "--rank", str(rank), "--store", store,
                            "--max-model-len", str(max_model_len), "--config", json.dumps(dataclasses.asdict(config)),
                            "--parent-pid", str(os.getpid())]
                 workers.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))
-            tp = TensorParallel(layout, pick_device_dtype(config)[0], init_method)
+            def waiting() -> None:
+                exited = _exited(workers)
+                if exited is not None:
+                    raise _RankExited(f"{exited} before it joined the others (its log says why)")
+
+            tp = TensorParallel(layout, pick_device_dtype(config)[0], store, waiting)
             runner = cls(config, model_config, max_model_len, tp)
-        except BaseException:
+        except BaseException as error:
+            exited = _exited(workers)
             for w in workers:
                 w.kill()
                 w.wait()
             shutil.rmtree(rendezvous, ignore_errors=True)
+            if exited and not isinstance(error, _RankExited):
+                raise _RankExited(f"{exited} while the engine started (its log says why)") from error
             raise
         runner._rendezvous = rendezvous  # the group's store: kept while the group lives
         runner._start_watch(workers)
@@ -217,6 +225,18 @@ class FollowerRunner(ShardRunner):
         else:
             raise RuntimeError(f"unknown plan {kind!r} from rank 0")
         return True
+
+
+class _RankExited(RuntimeError):
+    pass
+
+
+def _exited(workers: list[subprocess.Popen]) -> str | None:
+    from engine.core_client import describe_exit
+    for rank, w in enumerate(workers, start=1):
+        if w.poll() is not None:
+            return f"tensor-parallel rank {rank} (pid {w.pid}) {describe_exit(w.returncode)}"
+    return None
 
 
 def _python() -> str:
