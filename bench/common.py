@@ -18,6 +18,17 @@ LLAMA_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab
             "num_key_value_heads": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
             "tie_word_embeddings": False}
+# the shapes of bench/engine.py --shape: Llama 2 7B and 13B (MHA), Llama 2 70B (GQA, 8 KV heads),
+# and a tiny one that runs on a CPU in seconds (to prove the harness)
+SHAPES = {
+    "7b": LLAMA_7B,
+    "13b": {**LLAMA_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+            "num_attention_heads": 40, "num_key_value_heads": 40},
+    "70b": {**LLAMA_7B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+            "num_attention_heads": 64, "num_key_value_heads": 8},
+    "tiny": {**LLAMA_7B, "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+             "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 1024},
+}
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL_LINEAR = QKVO + ["gate_proj", "up_proj", "down_proj"]
 

@@ -92,6 +92,8 @@ class AsyncEngine:
             if total > 0 and self.engine is not None:
                 logger.info("engine loop: %d steps in %.1f s; %s", self.engine.stats.steps_total, total,
                             ", ".join(f"{k} {v:.1f} s" for k, v in self.loop_seconds.items()))
+        if self.engine is not None:
+            self.engine.runner.close()  # tensor-parallel ranks stop
 
     @property
     def max_model_len(self) -> int:

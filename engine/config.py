@@ -168,6 +168,13 @@ class EngineConfig:
     # that root is refused unless this is true (whoever writes a root could otherwise make the
     # server read any of its files as an adapter).
     allow_adapter_symlinks_outside_roots: bool = False
+    # Tensor parallelism over the GPUs of a host: this many ranks (rank r on the r-th visible
+    # device), each holding 1/N of the heads, MLP columns, vocabulary and of every adapter.
+    tensor_parallel_size: int = 1
+    # LoRA under tensor parallelism: false (default) shards B of column layers and A of row
+    # layers, with no collective of its own; true shards both A and B (S-LoRA's scheme, 1/N of
+    # each adapter's bytes per rank) at one all-gather or all-reduce per projection group.
+    fully_sharded_loras: bool = False
     max_waiting_requests: int = 4096
     default_max_tokens: int = 16  # when a request sets no max_tokens (clipped to the context left)
     seed: int = 0
@@ -202,6 +209,15 @@ class EngineConfig:
         flag = self.allow_adapter_symlinks_outside_roots
         if isinstance(flag, str) and flag.lower() in ("true", "false"):
             self.allow_adapter_symlinks_outside_roots = flag.lower() == "true"
+        if isinstance(self.fully_sharded_loras, str) and self.fully_sharded_loras.lower() in ("true", "false"):
+            self.fully_sharded_loras = self.fully_sharded_loras.lower() == "true"
+        if not isinstance(self.fully_sharded_loras, bool):
+            raise ValueError(f"engine config: fully_sharded_loras must be true or false, got {self.fully_sharded_loras!r}")
+        size = self.tensor_parallel_size
+        if isinstance(size, str) and size.strip().isdigit():
+            size = self.tensor_parallel_size = int(size)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"engine config: tensor_parallel_size must be an integer >= 1, got {size!r}")
         if not isinstance(self.allow_adapter_symlinks_outside_roots, bool):
             raise ValueError("engine config: allow_adapter_symlinks_outside_roots must be true or false, got "
                              f"{self.allow_adapter_symlinks_outside_roots!r}")

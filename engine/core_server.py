@@ -116,6 +116,7 @@ def serve(ipc_dir: str, engine_json: str, multi_lora_json: str | None, overrides
     started = time.monotonic()
     from engine.async_engine import AsyncEngine  # torch and the model: after the sockets are up
     from engine.sampling_params import SamplingParams
+    from engine.tp_runner import on_worker_death
     try:
         engine = AsyncEngine.from_files(engine_json, multi_lora_json, overrides)
         engine.step_sink = lambda outputs: sender.send(wire.StepOutputs(outputs))
@@ -127,6 +128,8 @@ def serve(ipc_dir: str, engine_json: str, multi_lora_json: str | None, overrides
 
         engine.on_fatal = on_fatal
         engine.start()
+        # a dead tensor-parallel rank leaves the others waiting in a collective: end at once
+        on_worker_death(engine.engine.runner, lambda message: _rank_died(sender, message))
     except Exception:
         sender.send(wire.Fatal(f"the engine could not start:\n{traceback.format_exc()}"))
         _close(context, out, inbox)
@@ -158,7 +161,15 @@ def serve(ipc_dir: str, engine_json: str, multi_lora_json: str | None, overrides
     engine.shutdown()
     logger.removeHandler(handler)
     _close(context, out, inbox)
+    if code == EXIT_FATAL:  # what was sent is out; a broken torch.distributed group makes the exit slow
+        os._exit(code)
     return code
+
+
+def _rank_died(sender: Sender, message: str) -> None:
+    sender.send(wire.Fatal(f"the engine stopped: {message}"))
+    time.sleep(0.2)  # ZeroMQ's I/O thread sends it
+    os._exit(EXIT_FATAL)
 
 
 def _close(context: zmq.Context, out: zmq.Socket, inbox: zmq.Socket) -> None:

@@ -15,7 +15,7 @@ from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.engine_stats import EngineStats
 from engine.errors import AdapterQuarantinedError, InvalidRequestError, NonFiniteLogitsError
 from engine.lora_manager import LoRAManager
-from engine.model_runner import ModelRunner, SampledTokens
+from engine.model_runner import SampledTokens
 from engine.page_manager import PageManager
 from engine.request_checks import check_prompt, check_prompt_size
 from engine.outputs import RequestOutput
@@ -23,6 +23,7 @@ from engine.sampling_params import SamplingParams
 from engine.quarantine import AdapterQuarantine
 from engine.sampler import NON_FINITE, TokenLogprobs
 from engine.scheduler import Scheduler
+from engine.tp_runner import make_runner
 from engine.sequence import Sequence, Status
 from engine.warmup import maybe_warm_up
 
@@ -44,7 +45,7 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         self.detokenizer_tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
         max_len = config.max_model_len or self.model_config.max_position_embeddings
-        self.runner = ModelRunner(config, self.model_config, max_len)
+        self.runner = make_runner(config, self.model_config, max_len)
         kv_capacity = self.runner.num_pages * config.block_size
         if kv_capacity < max_len:
             logger.warning("max_model_len %d lowered to the KV cache's %d tokens", max_len, kv_capacity)
@@ -55,7 +56,8 @@ class LLMEngine:
         self.lora = LoRAManager(self.model_config, adapters or {}, config.lora_roots, config.max_lora_rank,
                                 config.max_host_adapter_bytes, self.runner.page_size, self.runner.dtype,
                                 pin_memory=self.runner.device.type == "cuda",
-                                allow_symlinks_outside_roots=config.allow_adapter_symlinks_outside_roots)
+                                allow_symlinks_outside_roots=config.allow_adapter_symlinks_outside_roots,
+                                shard=self.runner.shard_adapter)
         self.quarantine = AdapterQuarantine()  # adapters that made non-finite logits: refused
         self.eos_token_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}

@@ -8,6 +8,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -39,7 +40,10 @@ class LoRAManager:
 
     def __init__(self, model: ModelConfig, known: dict[str, str], roots: list[str], max_lora_rank: int,
                  max_host_bytes: int, page_size: int, dtype: torch.dtype, pin_memory: bool,
-                 allow_symlinks_outside_roots: bool = False) -> None:
+                 allow_symlinks_outside_roots: bool = False,
+                 shard: Callable[[PackedAdapter], PackedAdapter] | None = None) -> None:
+        """``shard``: turns a packed adapter into what the pool holds (tensor parallelism: every
+        rank's slice of it, engine/sharding.py); by default the packed adapter itself."""
         for name in known:
             check_adapter_name(name)
         self.model = model
@@ -51,6 +55,7 @@ class LoRAManager:
         self.dtype = dtype
         self.pin_memory = pin_memory
         self.allow_symlinks_outside_roots = allow_symlinks_outside_roots
+        self._shard = shard or (lambda packed: packed)
         self._lock = threading.Lock()
         self._host: OrderedDict[str, PackedAdapter] = OrderedDict()  # LRU: least recent first
         self._refs: dict[str, int] = {}
@@ -90,6 +95,7 @@ class LoRAManager:
         # the operator's own.
         packed = read_adapter(name, path, self.model, self.max_lora_rank, self.page_size, self.dtype, self.pin_memory,
                               root=None if root is None or self.allow_symlinks_outside_roots else root)
+        packed = self._shard(packed)
         seconds = time.monotonic() - start
         with self._lock:
             if name in self._host:  # another thread loaded it meanwhile
@@ -108,6 +114,7 @@ class LoRAManager:
     def register(self, name: str, packed: PackedAdapter) -> None:
         """Add an adapter made in memory (benchmarks, tests) to the host tier, as if loaded from disk."""
         check_adapter_name(name)
+        packed = self._shard(packed)
         with self._lock:
             self.known[name] = f"<memory:{name}>"
             self._put(name, packed)

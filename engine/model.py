@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -9,6 +10,9 @@ from engine.ops import Ops
 from engine.config import ModelConfig
 from engine.lora_batch import LoRABatch
 from engine.rope import RotaryCache
+
+if TYPE_CHECKING:
+    from engine.parallel import TensorParallel
 
 
 @dataclass
@@ -27,9 +31,13 @@ class AttentionMetadata:
 class Transformer:
     """Holds the weights (engine layout, see checkpoint.load_weights) and runs a forward pass."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int, ops: Ops) -> None:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], max_positions: int, ops: Ops,
+                 tp: "TensorParallel | None" = None) -> None:
+        """``tp``: this rank's group under tensor parallelism (``config`` and ``weights`` are then
+        the rank's shard, engine/sharding.py); None runs the whole model here."""
         self.config = config
         self.ops = ops
+        self.tp = tp
         self.w = weights
         embed = weights["embed"]
         self.device, self.dtype = embed.device, embed.dtype
@@ -43,10 +51,14 @@ class Transformer:
     def forward(self, input_ids: torch.Tensor, attn: AttentionMetadata, lora: LoRABatch, pool: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], logits_indices: torch.Tensor) -> torch.Tensor:
         """input_ids: [T]; pool: [P, L, PAGE] unified page pool; kv_caches: per layer (K, V) views of
-        it, each [P, BS, KVH, D]; logits_indices: [N] -> logits [N, V] float32."""
-        c, w, ops = self.config, self.w, self.ops
+        it, each [P, BS, KVH, D]; logits_indices: [N] -> logits [N, V] float32 (under tensor
+        parallelism: on rank 0, and None on the others)."""
+        c, w, ops, tp = self.config, self.w, self.ops, self.tp
         num_tokens = input_ids.shape[0]
-        hidden = w["embed"].index_select(0, input_ids)  # [T, H]
+        if tp is None:
+            hidden = w["embed"].index_select(0, input_ids)  # [T, H]
+        else:
+            hidden = tp.embed(w["embed"], input_ids)
         cos, sin = self.rotary.lookup(attn.positions)
         residual = None
         for i in range(c.num_layers):
@@ -61,6 +73,8 @@ class Transformer:
             out = out.reshape(num_tokens, self.q_size)
             o = ops.linear(out, w[f"{i}.o"], w.get(f"{i}.o_bias"))
             lora.apply(ops, o, out, pool, i, "o")
+            if tp is not None:
+                tp.all_reduce(o)
             hidden, residual = ops.add_rms_norm(o, residual, w[f"{i}.post_norm"], c.rms_norm_eps)
             # MLP block
             gate_up = ops.linear(hidden, w[f"{i}.gate_up"], w.get(f"{i}.gate_up_bias"))  # [T, 2I]
@@ -68,7 +82,10 @@ class Transformer:
             act = ops.silu_and_mul(gate_up)  # [T, I]
             down = ops.linear(act, w[f"{i}.down"], w.get(f"{i}.down_bias"))
             lora.apply(ops, down, act, pool, i, "down")
+            if tp is not None:
+                tp.all_reduce(down)
             hidden = down
         hidden, _ = ops.add_rms_norm(hidden, residual, w["norm"], c.rms_norm_eps)
         hidden = hidden.index_select(0, logits_indices)
-        return ops.linear(hidden, w["lm_head"], None).float()
+        logits = ops.linear(hidden, w["lm_head"], None).float()
+        return logits if tp is None else tp.gather_logits(logits)

@@ -80,16 +80,16 @@ def pick_device_dtype(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
 
 
 class ModelRunner:
+    # this rank's tensor-parallel group (engine/tp_runner.py's ShardRunner); None: the whole model
+    tp = None
+
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> None:
         self.config = config
         self.model_config = model_config
         self.device, self.dtype = pick_device_dtype(config)
-        if config.load_format == "dummy":
-            weights = random_weights(model_config, self.dtype, self.device, config.seed)
-        else:
-            weights = load_weights(config.model, model_config, self.dtype, self.device)
+        weights = self._load_weights()
         self.ops = Ops(use_kernels=config.kernels == "triton" or (config.kernels == "auto" and self.device.type == "cuda"))
-        self.model = Transformer(model_config, weights, max_model_len, self.ops)
+        self.model = Transformer(model_config, weights, max_model_len, self.ops, self.tp)
         c = model_config
         self.block_size = config.block_size
         # one page = one KV block (K and V, block_size tokens) per layer
@@ -117,6 +117,18 @@ class ModelRunner:
         logger.info("%s on %s/%s: pool of %d pages x %.2f MiB (%d tokens of KV each)",
                     c.architecture, self.device, self.dtype, self.num_pages, self.page_bytes / 2**20,
                     self.block_size)
+
+    def _load_weights(self) -> dict[str, torch.Tensor]:
+        if self.config.load_format == "dummy":
+            return random_weights(self.model_config, self.dtype, self.device, self.config.seed)
+        return load_weights(self.config.model, self.model_config, self.dtype, self.device)
+
+    def shard_adapter(self, packed: PackedAdapter) -> PackedAdapter:
+        """The adapter as this runner's pool holds it (every rank's shard under tensor parallelism)."""
+        return packed
+
+    def close(self) -> None:
+        """Stop what the runner started (tensor-parallel workers); the runner is unusable after."""
 
     def _decode_graphs(self, max_model_len: int) -> DecodeGraphs | None:
         mode = self.config.decode_graphs
@@ -188,7 +200,6 @@ class ModelRunner:
         (the caller keeps the returned handle alive until the event completes); otherwise the copy
         is ordered on the current stream and None is returned.
         """
-        n, L = packed.num_pages, self.model_config.num_layers
         stream = None
         if prefetch and self.device.type == "cuda":
             if self.copy_stream is None:
@@ -196,16 +207,21 @@ class ModelRunner:
             stream = self.copy_stream
             stream.wait_stream(torch.cuda.current_stream(self.device))  # the pages' last readers go first
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            # one contiguous DMA from (pinned) host memory, then the scatter into pages on the device
-            staging = packed.data.to(self.device, non_blocking=True)  # [L, n * PAGE]
-            index = to_device(pages, torch.int64, self.device)
-            pages_first = staging.view(L, n, self.page_size).transpose(0, 1)  # [n, L, PAGE]
-            self.pool.index_copy_(0, index, pages_first)
+            staging = self._write_pages(packed.data, pages)
             if stream is None:
                 return None
             event = torch.cuda.Event()
             event.record(stream)
         return event, staging
+
+    def _write_pages(self, data: torch.Tensor, pages: list[int]) -> torch.Tensor:
+        """data: [L, n * PAGE] on the host -> pool pages ``pages`` (n of them); returns the staging copy."""
+        # one contiguous DMA from (pinned) host memory, then the scatter into pages on the device
+        staging = data.to(self.device, non_blocking=True)  # [L, n * PAGE]
+        index = to_device(pages, torch.int64, self.device)
+        pages_first = staging.view(data.shape[0], len(pages), self.page_size).transpose(0, 1)  # [n, L, PAGE]
+        self.pool.index_copy_(0, index, pages_first)
+        return staging
 
     def run(self, plan: StepPlan, pages: PageManager, adapters: dict[str, PackedAdapter],
             eos_token_ids: tuple[int, ...]) -> SampledTokens:
@@ -223,14 +239,24 @@ class ModelRunner:
                 logits = logits[to_device(rows, torch.int64, self.device)] if rows else logits[:0]
         else:
             logits = self._forward_eager(step)
+        return self._sample(logits, sampling_seqs, eos_token_ids)
+
+    def _sample(self, logits: torch.Tensor, sampling_seqs: list, eos_token_ids: tuple[int, ...]) -> SampledTokens:
         if not sampling_seqs:
             return SampledTokens([], torch.zeros(0, dtype=torch.int64), None)
         tokens, logprobs = sample(logits, sampling_seqs, eos_token_ids, self.generator)
         self.token_buf[:tokens.shape[0]].copy_(tokens)  # ids in the vocabulary: the next step may feed them
+        self._tokens_sampled(tokens.shape[0])
         tokens = mark_non_finite(logits, tokens)  # the host sees NON_FINITE where a row's logits are not finite
         host = None if self._host_tokens is None else self._host_tokens[self._num_launched % 2]
         self._num_launched += 1
         return SampledTokens(sampling_seqs, tokens, host, logprobs)
+
+    def _tokens_sampled(self, num_tokens: int) -> None:
+        """token_buf[:num_tokens] holds the step's sampled tokens (other ranks take them here)."""
+
+    def _lora_batch(self, step: StepInputs) -> LoRABatch:
+        return LoRABatch.build(self.ops, step, self.out_sizes, self.device)
 
     def _forward_eager(self, step: StepInputs) -> torch.Tensor:
         """Logits [N, V] of the sampling sequences, the step's inputs sent to the device as they are."""
@@ -247,7 +273,7 @@ class ModelRunner:
             max_query_len=step.max_query_len,
             max_seq_len=max(step.seq_lens),
         )
-        lora = LoRABatch.build(self.ops, step, self.out_sizes, dev)
+        lora = self._lora_batch(step)
         ids = to_device(step.input_ids, torch.int64, dev)
         if step.feeds:
             dst, src = zip(*step.feeds)

@@ -179,7 +179,7 @@ def _scratch_state(engine: "LLMEngine", adapters: list[AdapterSpec]):
                                  saved["scheduler"].max_num_batched_tokens)
     # no budget: an adapter the host tier drops before its first use would make its jobs fail
     engine.lora = LoRAManager(own_lora.model, {}, [], own_lora.max_lora_rank, 1 << 62, own_lora.page_size,
-                              own_lora.dtype, own_lora.pin_memory)
+                              own_lora.dtype, own_lora.pin_memory, shard=runner.shard_adapter)
     engine.stats = EngineStats(num_pages_total=engine.pages.num_pages)
     engine.quarantine = AdapterQuarantine()  # whatever the synthetic steps give, serving starts clean
     engine.seqs = {}
