@@ -2,7 +2,7 @@
 imports this)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -25,3 +25,9 @@ class EngineStats:
     generation_tokens_total: int = 0
     num_preemptions_total: int = 0
     steps_total: int = 0
+    # for gateways (vllm:lora_requests_info, vllm:lora_adapter_loaded): adapters of running and of
+    # waiting requests, adapters the pool can hold for a batch, {name: digest} resident in the pool
+    running_lora_adapters: list[str] = field(default_factory=list)
+    waiting_lora_adapters: list[str] = field(default_factory=list)
+    max_lora: int = 0
+    gpu_adapters: dict[str, str] = field(default_factory=dict)

@@ -35,3 +35,16 @@ class CheckpointError(ValueError):
 class EngineUnavailableError(EngineError):
     """The engine is not running (its process died, or the model is being unloaded). Triton:
     UNAVAILABLE."""
+
+
+class AdapterExistsError(EngineError):
+    """An admin load names an adapter already served with other files or weights. Triton:
+    ALREADY_EXISTS."""
+
+
+class UnauthorizedError(InvalidRequestError):
+    """A request without the token its action or adapter needs. Triton: INVALID_ARG."""
+
+
+class UnsupportedActionError(EngineError):
+    """An admin action this server does not allow (no admin token configured). Triton: UNSUPPORTED."""
