@@ -53,6 +53,9 @@ EXPOSE 8000 8001 8002
 # stub-timeout-seconds: the Python backend's default of 30 s is shorter than a 7B model's start.
 # Explicit model control: a client can unload the model and load it again
 # (POST /v2/repository/models/multilora/load), e.g. when it answers not-ready.
+# multilora_adapters is the adapter admin model; the authorization header (tenant and admin
+# tokens) reaches the models as a request parameter.
 CMD ["tritonserver", "--model-repository=/opt/multilora/model_repository", \
      "--backend-config=python,stub-timeout-seconds=600", \
-     "--model-control-mode=explicit", "--load-model=multilora"]
+     "--model-control-mode=explicit", "--load-model=multilora", "--load-model=multilora_adapters", \
+     "--http-header-forward-pattern=^[Aa]uthorization$", "--grpc-header-forward-pattern=^authorization$"]

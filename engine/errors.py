@@ -13,6 +13,13 @@ class AdapterNotFoundError(EngineError, LookupError):
     """The request names an adapter the engine does not know. Triton: NOT_FOUND."""
 
 
+def adapter_not_found(name: str) -> AdapterNotFoundError:
+    """The one message for an adapter that is not served to the caller (unknown, unloaded, or
+    not allowed to its tenant): it names no other adapter and no path, so a tenant cannot tell an
+    adapter of another tenant from one that does not exist."""
+    return AdapterNotFoundError(f"LoRA adapter '{name}' is not known")
+
+
 class AdapterLoadError(EngineError, ValueError):
     """An adapter exists but its files are unusable (bad shapes, rank too large, pickle, NaN...).
 
@@ -48,3 +55,21 @@ class UnauthorizedError(InvalidRequestError):
 
 class UnsupportedActionError(EngineError):
     """An admin action this server does not allow (no admin token configured). Triton: UNSUPPORTED."""
+
+
+def triton_code(error: BaseException) -> tuple[str, str]:
+    """(Triton error code name, metrics reason) of an engine or validation error: the one mapping
+    that the Triton models share."""
+    if isinstance(error, AdapterNotFoundError):
+        return "NOT_FOUND", "not_found"
+    if isinstance(error, (InvalidRequestError, AdapterLoadError)):
+        return "INVALID_ARG", "invalid_arg"
+    if isinstance(error, (EngineOverloadedError, EngineUnavailableError)):
+        return "UNAVAILABLE", "unavailable"
+    if isinstance(error, RequestAbortedError):
+        return "CANCELLED", "cancelled"
+    if isinstance(error, AdapterExistsError):
+        return "ALREADY_EXISTS", "already_exists"
+    if isinstance(error, UnsupportedActionError):
+        return "UNSUPPORTED", "unsupported"
+    return "INTERNAL", "internal"

@@ -30,6 +30,7 @@ from engine.adapter_identity import file_stamp, serving_salt
 from engine.adapters import PackedAdapter, is_inside, read_adapter
 from engine.config import ModelConfig
 from engine.errors import AdapterExistsError, AdapterLoadError, AdapterNotFoundError
+from engine.errors import adapter_not_found as not_found
 from engine.request_checks import check_adapter_name
 
 logger = logging.getLogger("multilora")
@@ -54,12 +55,6 @@ class NameEntry:
     source: str  # "config" (multi_lora.json), "root" (found under lora_roots), "admin", "upload", "memory"
     digest: str
     stamp: tuple | None  # engine.adapter_identity.file_stamp when it was read; None: not checked
-
-
-def not_found(name: str) -> AdapterNotFoundError:
-    """The one message for an adapter that is not served to the caller (unknown, unloaded, or
-    not allowed to its tenant): it names no other adapter and no path."""
-    return AdapterNotFoundError(f"LoRA adapter '{name}' is not known")
 
 
 class LoRAManager:
