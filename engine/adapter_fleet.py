@@ -45,17 +45,19 @@ def adapter_rows(engine: "LLMEngine") -> list[dict[str, Any]]:
             modules = [m for m, r in packed.ranks.items() if r]
             num_bytes = packed.num_bytes
         else:
-            tier, rank, modules, num_bytes = "disk", None, None, _file_bytes(entry)
+            path = entry.path if entry is not None else engine.lora.known.get(name)
+            tier, rank, modules, num_bytes = "disk", None, None, _file_bytes(path)
         rows.append({"name": name, "digest": entry.digest if entry is not None else None, "rank": rank,
                      "target_modules": modules, "tier": tier, "bytes": num_bytes, "in_use": refs})
     return rows
 
 
-def _file_bytes(entry) -> int | None:
-    if entry is None or entry.path is None:
+def _file_bytes(path: str | None) -> int | None:
+    """Size of adapter_model.safetensors on disk (what a disk-tier row reports)."""
+    if not path:
         return None
     try:
-        return os.path.getsize(os.path.join(entry.path, "adapter_model.safetensors"))
+        return os.path.getsize(os.path.join(path, "adapter_model.safetensors"))
     except OSError:
         return None
 

@@ -66,7 +66,7 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int,
                        "safetensors only (send adapter_model.safetensors, saved with safe_serialization=True)")
     elif not os.path.isfile(config_path):
         raise fail("adapter_config.json is missing")
-    if not os.path.isfile(weights_path):
+    elif not os.path.isfile(weights_path):
         if os.path.isfile(os.path.join(path, "adapter_model.bin")):
             raise fail("only adapter_model.bin (pickle) found; multilora loads safetensors only "
                        "(save the adapter with safe_serialization=True)")
@@ -119,6 +119,8 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int,
     except OSError as e:  # its message holds the path
         raise fail(f"cannot read adapter_model.safetensors ({e.strerror or type(e).__name__})") from e
     except ValueError as e:
+        if upload is not None:
+            raise fail(f"adapter_weights is not a safetensors file ({e}); multilora loads safetensors only") from e
         raise fail(f"cannot read adapter_model.safetensors ({e})") from e
     for key, tensor in tensors.items():
         m = _KEY.match(key)
