@@ -41,6 +41,7 @@ from engine.errors import EngineError, EngineUnavailableError, RequestAbortedErr
 from engine.tenants import TENANTS_FILE, TenantRules
 from multilora_serve.launcher import ENGINE_ARGS_ENV
 from engine.outputs import RequestOutput
+from multilora_gateway_metrics import GatewayMetrics
 from multilora_metrics import ServingMetrics
 from multilora_requests import ParsedRequest, parse_request
 from multilora_senders import ResponseSenders
@@ -182,6 +183,7 @@ class TritonPythonModel:
         self._ids = itertools.count()
         self._metrics = ServingMetrics({"model": args["model_name"],
                                         "version": args["model_version"]}, _log)
+        self._gateway_metrics = GatewayMetrics({"model": args["model_name"], "version": args["model_version"]}, _log)
         self._thread = None
         self._senders = ResponseSenders(_response_threads(model_config), _FINAL, _log)
         self._last_stats_error = ""
@@ -217,6 +219,7 @@ class TritonPythonModel:
             self._thread = None
         self._senders.close()
         self._metrics.close()
+        self._gateway_metrics.close()
         _log("info", "finalize: done")
 
     # -- execute side ----------------------------------------------------------------------
@@ -435,8 +438,10 @@ class TritonPythonModel:
 
     def _update_stats(self) -> None:
         try:
-            self._metrics.engine_stats(self._engine.stats())
+            stats = self._engine.stats()
+            self._metrics.engine_stats(stats)
             self._metrics.flush()
+            self._gateway_metrics.update(stats)
         except Exception as error:
             message = f"updating metrics failed: {error!r}"
             if message != self._last_stats_error:  # every STATS_POLL_S: say it once
