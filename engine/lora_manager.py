@@ -91,6 +91,7 @@ class LoRAManager:
         self._host_bytes = 0  # of the adapters in self._host, kept as they come and go
         self._retired: set[str] = set()  # digests no name points to, for the engine loop
         self._spool: str | None = None  # uploaded adapters, written out so that they can leave host memory
+        self._spooling: set[str] = set()  # digests of uploads not written out yet
         self.stats = AdapterStats()
 
     # --- resolution ---------------------------------------------------------------------------
@@ -170,7 +171,6 @@ class LoRAManager:
         seconds = time.monotonic() - start
         if upload is not None:
             path = self._spool_upload(packed.digest, upload)
-            stamp = file_stamp(path)
         with self._lock:
             self.stats.loads_total += 1
             self.stats.load_seconds_total += seconds
@@ -380,21 +380,32 @@ class LoRAManager:
             return self._host[digest]
 
     def _spool_upload(self, digest: str, upload: tuple[bytes, bytes]) -> str:
-        """Write an uploaded adapter out once, so that it can leave host memory and come back."""
+        """Where an uploaded adapter is written out, so that it can leave host memory and come
+        back. The write runs on a thread of its own (it is off the upload's path to its first
+        token); until it is done the adapter stays in host memory (``_shrink`` skips it)."""
         if self._spool is None:
             self._spool = tempfile.mkdtemp(prefix="multilora-uploads-")
         path = os.path.join(self._spool, digest)
-        if not os.path.isdir(path):
-            staging = tempfile.mkdtemp(dir=self._spool)
-            config_json, weights = upload
-            with open(os.path.join(staging, "adapter_config.json"), "wb") as f:
-                f.write(config_json)
-            with open(os.path.join(staging, "adapter_model.safetensors"), "wb") as f:
-                f.write(weights)
+        with self._lock:
+            if os.path.isdir(path) or digest in self._spooling:
+                return path
+            self._spooling.add(digest)
+
+        def write() -> None:
             try:
+                staging = tempfile.mkdtemp(dir=self._spool)
+                config_json, weights = upload
+                with open(os.path.join(staging, "adapter_config.json"), "wb") as f:
+                    f.write(config_json)
+                with open(os.path.join(staging, "adapter_model.safetensors"), "wb") as f:
+                    f.write(weights)
                 os.rename(staging, path)
-            except OSError:  # written meanwhile by another name with the same bytes
-                shutil.rmtree(staging, ignore_errors=True)
+            except OSError:
+                logger.exception("writing uploaded LoRA adapter %s to %s failed; it stays in host memory", digest, path)
+                return  # still in _spooling: never evicted from host memory
+            with self._lock:
+                self._spooling.discard(digest)
+        threading.Thread(target=write, name="multilora-upload-writer", daemon=True).start()
         return path
 
     def _put(self, key: str, packed: PackedAdapter) -> None:
@@ -408,7 +419,7 @@ class LoRAManager:
         for key in list(self._host):
             if self._host_bytes <= self.max_host_bytes:
                 return
-            if not self._refs.get(key):
+            if not self._refs.get(key) and key not in self._spooling:
                 self._host_bytes -= self._host.pop(key).num_bytes
                 self.stats.host_evictions_total += 1
 

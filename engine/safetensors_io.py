@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -48,9 +49,8 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def parse_safetensors(data: bytes | bytearray) -> dict[str, torch.Tensor]:
-    """The tensors of safetensors bytes, as views of ``data`` (copied once if it is read-only)."""
-    if not isinstance(data, bytearray):
-        data = bytearray(data)  # torch wraps writable buffers only
+    """The tensors of safetensors bytes, as views of ``data``. Views of read-only bytes (an
+    upload) are read-only too: they are only read (packing copies them), so no copy is made."""
     if len(data) < 8:
         raise ValueError(f"the file has {len(data)} bytes; a safetensors file starts with an 8-byte header length")
     n = int.from_bytes(data[:8], "little")
@@ -78,6 +78,8 @@ def parse_safetensors(data: bytes | bytearray) -> dict[str, torch.Tensor]:
             raise ValueError(f"tensor {name!r}: data_offsets {[begin, end]} do not hold shape {shape} of "
                              f"{info['dtype']} within the file's {buffer.shape[0]} data bytes")
         array = buffer[begin:end].view(np_dtype).reshape(shape)
-        tensor = torch.from_numpy(array)
+        with warnings.catch_warnings():  # read-only bytes: torch warns that writing them is undefined
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(array)
         tensors[name] = tensor.view(view) if view is not None else tensor
     return tensors

@@ -5,6 +5,7 @@ a file changed while it is read), each as a test on a real engine."""
 import os
 import shutil
 import threading
+import time
 
 import pytest
 import torch
@@ -304,6 +305,10 @@ def test_an_upload_is_served_and_survives_leaving_host_memory(models, tmp_path, 
     assert engine.lora.upload("up", *files).digest == packed.digest  # the same bytes again: a no-op
     with pytest.raises(AdapterExistsError, match="already served with other weights"):
         engine.lora.upload("up", files[0], open(os.path.join(models["v2"], FILES[1]), "rb").read())
+    deadline = time.monotonic() + 10
+    while engine.lora._spooling:  # its copy on disk is written off the upload's path
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     engine.lora.max_host_bytes = 0
     engine.lora._shrink()  # out of host memory: read back from the upload's copy on disk
     assert not engine.lora.is_in_host("up")
