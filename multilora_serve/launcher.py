@@ -310,9 +310,9 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}",
+            *HEADER_FORWARD_ARGS,
             *self.model_control_args(),
             *self.restricted_api_args(),
-            *HEADER_FORWARD_ARGS,
             *self.extra_args,
         ]
 
