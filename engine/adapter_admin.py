@@ -23,13 +23,12 @@ otherwise ALREADY_EXISTS, an action this server does not allow UNSUPPORTED.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, Callable
 
 from engine.adapter_fleet import adapter_rows, evict_retired
-from engine.errors import (InvalidRequestError, UnauthorizedError, UnsupportedActionError)
+from engine.errors import InvalidRequestError, UnauthorizedError, UnsupportedActionError
 from engine.request_checks import check_adapter_name, parse_json
 from engine.tenants import TenantRules, admin_token_digests, is_admin
 
@@ -150,7 +149,3 @@ def _digest_of(lora, name: str) -> str | None:
         if row_name == name and entry is not None:
             return entry.digest
     return None
-
-
-def reply_json(result: dict) -> str:
-    return json.dumps(result, separators=(",", ":"))

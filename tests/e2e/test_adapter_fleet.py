@@ -13,7 +13,6 @@ import threading
 import time
 import urllib.request
 
-import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
