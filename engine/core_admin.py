@@ -129,7 +129,8 @@ class AdminServer:
                         reply(None, wire.errors.EngineError(f"internal error: {type(error).__name__}"))
         finally:
             router.close(linger=0)
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            for remove in (os.unlink, os.rmdir):  # the directory goes too once no model's socket is in it
+                try:
+                    remove(path if remove is os.unlink else os.path.dirname(path))
+                except OSError:
+                    pass
