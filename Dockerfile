@@ -58,6 +58,8 @@ VOLUME /var/cache/multilora/triton
 
 EXPOSE 8000 8001 8002
 # multilora_serve/container.py: the image's tritonserver on /opt/multilora/model_repository, with a
-# stub timeout for a 7B model's start, explicit model control and the administrative APIs
-# restricted (`docker run IMAGE python3 -m multilora_serve.container ARGS` passes ARGS to tritonserver).
+# stub timeout for a 7B model's start, explicit model control (multilora and its adapter admin model
+# multilora_adapters), the authorization header forwarded to the models (tenant and admin tokens)
+# and the administrative APIs restricted (`docker run IMAGE python3 -m multilora_serve.container ARGS`
+# passes ARGS to tritonserver).
 CMD ["python3", "-m", "multilora_serve.container"]

@@ -12,7 +12,8 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import AdapterLoadError
-from engine.safetensors_io import read_safetensors
+from engine.adapter_identity import adapter_digest
+from engine.safetensors_io import parse_safetensors, read_safetensors
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -34,6 +35,7 @@ class LoRAAdapter:
     modules: tuple[str, ...]
     # weights[layer][module] = (A, B, scale)
     weights: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]]]
+    digest: str = ""  # engine.adapter_identity.adapter_digest of what was read ("" without a salt)
 
     @property
     def num_bytes(self) -> int:
@@ -42,12 +44,15 @@ class LoRAAdapter:
 
 
 def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int,
-                 root: str | None = None) -> LoRAAdapter:
+                 root: str | None = None, salt: bytes | None = None,
+                 upload: tuple[bytes, bytes] | None = None) -> LoRAAdapter:
     """Load and validate a PEFT adapter directory. Raises AdapterLoadError saying what is wrong.
 
     ``root``: the adapter root it was found in; the directory and the files read must then
     resolve inside it (no symlink out of it). Messages name the adapter, never ``path``: they go
-    to clients, the path goes to the log.
+    to clients, the path goes to the log. ``salt`` (engine.adapter_identity.serving_salt): also
+    compute the adapter's digest, from the bytes read. ``upload``: (adapter_config.json bytes,
+    adapter_model.safetensors bytes) sent by a client instead of files, checked the same way.
     """
     def fail(message: str) -> AdapterLoadError:
         logger.warning("LoRA adapter '%s' (%s) refused: %s", name, path, message)
@@ -55,14 +60,19 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int,
 
     config_path = os.path.join(path, "adapter_config.json")
     weights_path = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.isfile(config_path):
+    if upload is not None:
+        config_text, weights_data = upload
+        if weights_data[:4] == b"PK\x03\x04" or weights_data[:1] == b"\x80":
+            raise fail("adapter_weights is a pickle file (torch.save / adapter_model.bin); multilora loads "
+                       "safetensors only (send adapter_model.safetensors, saved with safe_serialization=True)")
+    elif not os.path.isfile(config_path):
         raise fail("adapter_config.json is missing")
-    if not os.path.isfile(weights_path):
+    elif not os.path.isfile(weights_path):
         if os.path.isfile(os.path.join(path, "adapter_model.bin")):
             raise fail("only adapter_model.bin (pickle) found; multilora loads safetensors only "
                        "(save the adapter with safe_serialization=True)")
         raise fail("adapter_model.safetensors is missing")
-    if root is not None:
+    if root is not None and upload is None:
         for label, file_path in (("the adapter directory", path), ("adapter_config.json", config_path),
                                  ("adapter_model.safetensors", weights_path)):
             if not is_inside(file_path, root):
@@ -71,8 +81,11 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int,
                 raise fail(f"{label} is a symlink to outside the adapter root (refused unless the engine "
                            "option allow_adapter_symlinks_outside_roots is true)")
     try:
-        with open(config_path) as f:
-            cfg = json.load(f)
+        if upload is not None:
+            cfg = json.loads(config_text)
+        else:
+            with open(config_path) as f:
+                cfg = json.load(f)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits
         raise fail(f"adapter_config.json is not valid JSON ({type(e).__name__})") from e
     except OSError as e:
@@ -114,10 +127,12 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int,
     shapes = model.projection_shapes()
     raw: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     try:
-        tensors = read_safetensors(weights_path)
+        tensors = parse_safetensors(weights_data) if upload is not None else read_safetensors(weights_path)
     except OSError as e:  # its message holds the path
         raise fail(f"cannot read adapter_model.safetensors ({e.strerror or type(e).__name__})") from e
     except ValueError as e:
+        if upload is not None:
+            raise fail(f"adapter_weights is not a safetensors file ({e}); multilora loads safetensors only") from e
         raise fail(f"cannot read adapter_model.safetensors ({e})") from e
     for key, tensor in tensors.items():
         m = _KEY.match(key)
@@ -181,7 +196,8 @@ def load_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int,
         weights[layer][module] = (a, b, scale)
         max_rank = max(max_rank, rank)
     modules = tuple(m for m in LORA_MODULES if any(m in layer for layer in weights))
-    return LoRAAdapter(name=name, path=path, rank=max_rank, modules=modules, weights=weights)
+    digest = adapter_digest(cfg, tensors, salt) if salt is not None else ""
+    return LoRAAdapter(name=name, path=path, rank=max_rank, modules=modules, weights=weights, digest=digest)
 
 
 def _rank(value) -> int | None:
@@ -272,16 +288,24 @@ class PackedAdapter:
     a_offsets: dict[str, int]
     b_offsets: dict[str, int]
     scales: dict[str, float]
+    digest: str = ""  # of the files it was packed from ("" for one made in memory)
 
     @property
     def num_bytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
+    @property
+    def key(self) -> str:
+        """What the GPU pool and the host tier know it by: its digest, else its name."""
+        return self.digest or self.name
+
 
 def read_adapter(name: str, path: str, model: ModelConfig, max_lora_rank: int, page_size: int, dtype: torch.dtype,
-                 pin_memory: bool = False, root: str | None = None) -> PackedAdapter:
+                 pin_memory: bool = False, root: str | None = None, salt: bytes | None = None,
+                 upload: tuple[bytes, bytes] | None = None) -> PackedAdapter:
     """load_adapter, then pack_adapter: a checked adapter ready for the pool."""
-    return pack_adapter(load_adapter(name, path, model, max_lora_rank, root), model, page_size, dtype, pin_memory)
+    return pack_adapter(load_adapter(name, path, model, max_lora_rank, root, salt, upload), model, page_size, dtype,
+                        pin_memory)
 
 
 def pack_adapter(adapter: LoRAAdapter, model: ModelConfig, page_size: int, dtype: torch.dtype,
@@ -315,7 +339,7 @@ def pack_adapter(adapter: LoRAAdapter, model: ModelConfig, page_size: int, dtype
 
     if not _all_finite(data):
         raise fail(_non_finite(adapter, dtype))
-    packed = PackedAdapter(adapter.name, data, num_pages, ranks, a_offsets, b_offsets, scales)
+    packed = PackedAdapter(adapter.name, data, num_pages, ranks, a_offsets, b_offsets, scales, adapter.digest)
     overflow = _update_overflow(packed, shapes)
     if overflow:
         raise fail(overflow)

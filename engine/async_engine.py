@@ -159,6 +159,25 @@ class AsyncEngine:
             return
         self._commands.put(("add", (seq, on_output)))
 
+    def call_in_loop(self, fn: Callable[[LLMEngine], Any], done: Callable[[Any, Exception | None], None]) -> None:
+        """Run ``fn(engine)`` on the loop's thread (what reads the pool: adapter administration),
+        then ``done(result, error)`` there; a stopped loop answers EngineUnavailableError."""
+        self._commands.put(("call", (fn, done)))
+
+    def run_in_background(self, fn: Callable[[], Any], done: Callable[[Any, Exception | None], None]) -> None:
+        """Run ``fn()`` on an adapter loader thread (what reads from disk), then ``done(result, error)``."""
+        def run() -> None:
+            try:
+                result = fn()
+            except Exception as error:
+                if not isinstance(error, EngineError):
+                    logger.exception("an adapter action failed")
+                    error = EngineError(f"internal error: {type(error).__name__} (see the server's log)")
+                done(None, error)
+                return
+            done(result, None)
+        self._loader.submit(run)
+
     def stats(self) -> EngineStats:
         with self._stats_lock:
             return EngineStats(**vars(self._stats))
@@ -223,6 +242,8 @@ class AsyncEngine:
                 self.engine.release(seq)
                 callback(RequestOutput(request_id=seq.request_id, finished=True, finish_reason="error",
                                        error=error))
+            elif kind == "call":
+                arg[1](None, error)
 
     def _handle(self, command: tuple[str, Any]) -> None:
         kind, arg = command
@@ -241,6 +262,17 @@ class AsyncEngine:
             out = self.engine.abort(arg)
             if out is not None:
                 self._emit([out])
+        elif kind == "call":
+            fn, done = arg
+            try:
+                result = fn(self.engine)
+            except Exception as error:
+                if not isinstance(error, EngineError):
+                    logger.exception("a call on the engine loop failed")
+                    error = EngineError(f"internal error: {type(error).__name__} (see the server's log)")
+                done(None, error)
+                return
+            done(result, None)
 
     def _emit(self, outputs: list[RequestOutput]) -> None:
         delivered, callbacks = [], []

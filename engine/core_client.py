@@ -65,9 +65,12 @@ class EngineCoreClient:
     def __init__(self, engine_json: str, multi_lora_json: str | None, overrides: dict[str, Any],
                  on_outputs: Callable[[list[RequestOutput]], None],
                  on_log: Callable[[int, str], None],
-                 on_death: Callable[[str], None], core_module: str = "engine.core_server") -> None:
-        """``core_module``: what ``python -m`` runs (tests run the core with injected faults)."""
+                 on_death: Callable[[str], None], core_module: str = "engine.core_server",
+                 admin_address: str | None = None) -> None:
+        """``core_module``: what ``python -m`` runs (tests run the core with injected faults);
+        ``admin_address``: where the core listens for the adapter admin model (engine/core_admin.py)."""
         self._args = (engine_json, multi_lora_json, overrides)
+        self._admin_address = admin_address
         self._core_module = core_module
         self._on_outputs, self._on_log, self._on_death = on_outputs, on_log, on_death
         self._context: zmq.Context | None = None
@@ -105,6 +108,8 @@ class EngineCoreClient:
                    "--parent-pid", str(os.getpid())]
         if multi_lora_json:
             command += ["--multi-lora-json", multi_lora_json]
+        if self._admin_address:
+            command += ["--admin-address", self._admin_address]
         env = dict(os.environ)
         # The stub's interpreter ignores PYTHONPATH and builds sys.path itself: the core gets the same.
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)

@@ -1,9 +1,11 @@
 """The engine-core process: the engine loop in a process of its own, which owns the GPU.
 
 Started by ``core_client.EngineCoreClient`` (the Triton stub) as
-``python -m engine.core_server --ipc-dir D --engine-json F [--multi-lora-json M] [--overrides JSON]``.
-It connects two ZeroMQ sockets that the client has bound under D: ``D/to_core`` (requests in) and
-``D/from_core`` (outputs, stats, log lines out); core_wire.py has the messages.
+``python -m engine.core_server --ipc-dir D --engine-json F [--multi-lora-json M] [--overrides JSON]
+[--admin-address A]``. It connects two ZeroMQ sockets that the client has bound under D:
+``D/to_core`` (requests in) and ``D/from_core`` (outputs, stats, log lines out); core_wire.py has
+the messages. With ``--admin-address`` it also binds the adapter admin socket there once ready
+(engine/core_admin.py; the actions are engine/adapter_admin.py).
 
 Threads here:
 - main: receives requests, validates and tokenizes them (``AsyncEngine.add_request``; the only
@@ -94,7 +96,7 @@ def _publish_stats(engine, sender: Sender, stop: threading.Event) -> None:
 
 
 def serve(ipc_dir: str, engine_json: str, multi_lora_json: str | None, overrides: dict,
-          parent_pid: int) -> int:
+          parent_pid: int, admin_address: str | None = None) -> int:
     die_with_parent()
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="multilora-parent-watch",
                      daemon=True).start()
@@ -139,6 +141,7 @@ def serve(ipc_dir: str, engine_json: str, multi_lora_json: str | None, overrides
     stop_stats = threading.Event()
     threading.Thread(target=_publish_stats, args=(engine, sender, stop_stats),
                      name="multilora-stats", daemon=True).start()
+    admin_server = _start_admin(context, admin_address, engine, engine_json)
 
     decoder = wire.core_decoder()
     poller = zmq.Poller()
@@ -158,7 +161,10 @@ def serve(ipc_dir: str, engine_json: str, multi_lora_json: str | None, overrides
             continue
         _add(engine, sender, message, SamplingParams)
     stop_stats.set()
+    if admin_server is not None:
+        admin_server.stop()
     engine.shutdown()
+    engine.engine.lora.close()
     logger.removeHandler(handler)
     _close(context, out, inbox)
     if code == EXIT_FATAL:  # what was sent is out; a broken torch.distributed group makes the exit slow
@@ -170,6 +176,20 @@ def _rank_died(sender: Sender, message: str) -> None:
     sender.send(wire.Fatal(f"the engine stopped: {message}"))
     time.sleep(0.2)  # ZeroMQ's I/O thread sends it
     os._exit(EXIT_FATAL)
+
+
+def _start_admin(context: zmq.Context, address: str | None, engine, engine_json: str):
+    if not address:
+        return None
+    from engine.adapter_admin import AdapterAdmin
+    from engine.core_admin import AdminServer
+    from engine.tenants import rules_next_to
+
+    admin = AdapterAdmin(engine, rules_next_to(engine_json))
+    server = AdminServer(context, address, lambda request, reply: admin.handle(
+        request.request, request.authorization, request.adapter_config, request.adapter_weights, reply))
+    server.start()
+    return server
 
 
 def _close(context: zmq.Context, out: zmq.Socket, inbox: zmq.Socket) -> None:
@@ -204,9 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--multi-lora-json", default=None)
     parser.add_argument("--overrides", default="{}", help="a JSON object laid over engine.json")
     parser.add_argument("--parent-pid", type=int, default=os.getppid())
+    parser.add_argument("--admin-address", default=None, help="ipc:// address of the adapter admin socket")
     args = parser.parse_args(argv)
     return serve(args.ipc_dir, args.engine_json, args.multi_lora_json, json.loads(args.overrides),
-                 args.parent_pid)
+                 args.parent_pid, args.admin_address)
 
 
 if __name__ == "__main__":

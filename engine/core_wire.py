@@ -1,7 +1,8 @@
 """The wire format between the engine-core process (core_server.py) and its client in the Triton
 stub (core_client.py): msgpack through msgspec, one frame per message.
 
-Client -> core: ``AddRequest``, ``AbortRequest``, ``Shutdown``.
+Client -> core: ``AddRequest``, ``AbortRequest``, ``Shutdown``; on the admin socket
+(engine/core_admin.py) ``AdminRequest``, answered by one ``AdminReply``.
 Core -> client: ``Ready`` once, then ``StepOutputs`` (every output of one engine step, or one
 output made outside the loop such as an adapter that failed to load), ``Stats`` (every
 ``STATS_INTERVAL_S``), ``LogRecord`` (the core's log lines, for Triton's log) and ``Fatal`` (the
@@ -67,6 +68,20 @@ class Fatal(msgspec.Struct, tag="fatal", array_like=True):
     message: str
 
 
+class AdminRequest(msgspec.Struct, tag="admin", array_like=True):
+    """An action of the adapter admin model (model multilora_adapters), on the admin socket."""
+
+    request: str  # the JSON of the ``request`` input
+    authorization: str | None  # the forwarded ``authorization`` header ("Bearer ...")
+    adapter_config: bytes | None = None  # upload: adapter_config.json
+    adapter_weights: bytes | None = None  # upload: adapter_model.safetensors
+
+
+class AdminReply(msgspec.Struct, tag="admin_reply", array_like=True):
+    response: str | None  # JSON, or None with ``error``
+    error: Exception | None = None
+
+
 ToCore = Union[AddRequest, AbortRequest, Shutdown]
 FromCore = Union[Ready, StepOutputs, Stats, LogRecord, Fatal]
 
@@ -100,6 +115,14 @@ class Encoder:
 def core_decoder() -> msgspec.msgpack.Decoder:
     """Decodes what the client sends to the core."""
     return msgspec.msgpack.Decoder(ToCore, dec_hook=_dec_hook)
+
+
+def admin_request_decoder() -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(AdminRequest, dec_hook=_dec_hook)
+
+
+def admin_reply_decoder() -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(AdminReply, dec_hook=_dec_hook)
 
 
 def client_decoder() -> msgspec.msgpack.Decoder:

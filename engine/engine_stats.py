@@ -2,7 +2,7 @@
 imports this)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -27,3 +27,9 @@ class EngineStats:
     steps_total: int = 0
     num_non_finite_requests_total: int = 0  # failed for non-finite logits (their adapters quarantined)
     num_adapters_quarantined: int = 0
+    # for gateways (vllm:lora_requests_info, vllm:lora_adapter_loaded): adapters of running and of
+    # waiting requests, adapters the pool can hold for a batch, {name: digest} resident in the pool
+    running_lora_adapters: list[str] = field(default_factory=list)
+    waiting_lora_adapters: list[str] = field(default_factory=list)
+    max_lora: int = 0
+    gpu_adapters: dict[str, str] = field(default_factory=dict)

@@ -13,6 +13,13 @@ class AdapterNotFoundError(EngineError, LookupError):
     """The request names an adapter the engine does not know. Triton: NOT_FOUND."""
 
 
+def adapter_not_found(name: str) -> AdapterNotFoundError:
+    """The one message for an adapter that is not served to the caller (unknown, unloaded, or
+    not allowed to its tenant): it names no other adapter and no path, so a tenant cannot tell an
+    adapter of another tenant from one that does not exist."""
+    return AdapterNotFoundError(f"LoRA adapter '{name}' is not known")
+
+
 class AdapterLoadError(EngineError, ValueError):
     """An adapter exists but its files are unusable (bad shapes, rank too large, pickle, NaN...).
 
@@ -46,3 +53,32 @@ class AdapterQuarantinedError(AdapterLoadError):
 class NonFiniteLogitsError(EngineError):
     """The base model's logits for a request are not finite (NaN or Inf): the request failed, the
     others of its batch did not. Triton: INTERNAL (nothing in the request is wrong)."""
+class AdapterExistsError(EngineError):
+    """An admin load names an adapter already served with other files or weights. Triton:
+    ALREADY_EXISTS."""
+
+
+class UnauthorizedError(InvalidRequestError):
+    """A request without the token its action or adapter needs. Triton: INVALID_ARG."""
+
+
+class UnsupportedActionError(EngineError):
+    """An admin action this server does not allow (no admin token configured). Triton: UNSUPPORTED."""
+
+
+def triton_code(error: BaseException) -> tuple[str, str]:
+    """(Triton error code name, metrics reason) of an engine or validation error: the one mapping
+    that the Triton models share."""
+    if isinstance(error, AdapterNotFoundError):
+        return "NOT_FOUND", "not_found"
+    if isinstance(error, (InvalidRequestError, AdapterLoadError)):
+        return "INVALID_ARG", "invalid_arg"
+    if isinstance(error, (EngineOverloadedError, EngineUnavailableError)):
+        return "UNAVAILABLE", "unavailable"
+    if isinstance(error, RequestAbortedError):
+        return "CANCELLED", "cancelled"
+    if isinstance(error, AdapterExistsError):
+        return "ALREADY_EXISTS", "already_exists"
+    if isinstance(error, UnsupportedActionError):
+        return "UNSUPPORTED", "unsupported"
+    return "INTERNAL", "internal"

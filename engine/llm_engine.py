@@ -10,6 +10,8 @@ import time
 import torch
 from transformers import AutoTokenizer
 
+from engine.adapter_fleet import evict_retired, fill_gateway_stats
+from engine.adapter_identity import base_fingerprint
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer, find_stop
 from engine.engine_stats import EngineStats
@@ -57,8 +59,12 @@ class LLMEngine:
                                 config.max_host_adapter_bytes, self.runner.page_size, self.runner.dtype,
                                 pin_memory=self.runner.device.type == "cuda",
                                 allow_symlinks_outside_roots=config.allow_adapter_symlinks_outside_roots,
+                                base_fingerprint=base_fingerprint(config.model, self.model_config, config.load_format,
+                                                                  config.seed),
                                 shard=self.runner.shard_adapter)
         self.quarantine = AdapterQuarantine()  # adapters that made non-finite logits: refused
+        self.retired_adapters: set[str] = set()  # versions whose pool pages go once unused (adapter_fleet)
+        self.fleet_stats_cache = None
         self.eos_token_ids = self._eos_ids()
         self.seqs: dict[str, Sequence] = {}
         self._prefetching: dict[str, tuple] = {}  # adapter prefetches in flight: name -> (event, staging)
@@ -124,7 +130,7 @@ class LLMEngine:
             return self._new_sequence(request_id, ids, params, lora_name or None, lora)
         except BaseException:
             if lora is not None:  # the sequence never existed for anyone else: its reference goes here
-                self.lora.release(lora.name)
+                self.lora.release(lora.key)
             raise
 
     def _new_sequence(self, request_id: str, ids: list[int], params: SamplingParams, lora_name: str | None,
@@ -183,14 +189,16 @@ class LLMEngine:
         following = self._launch() if self.config.async_scheduling else None
         self._prefetch()
         done, self._in_flight = self._in_flight, following
-        return self._collect(done)
+        outputs = self._collect(done)
+        evict_retired(self)
+        return outputs
 
     def _launch(self) -> SampledTokens | None:
         """Schedule a step and queue its work on the device; None if there is nothing to run."""
         plan = self.scheduler.schedule()
         if not plan.batch:
             return None
-        adapters = {item.seq.lora.name: item.seq.lora for item in plan.batch if item.seq.lora is not None}
+        adapters = {item.seq.lora.key: item.seq.lora for item in plan.batch if item.seq.lora is not None}
         for name, pages in plan.adapter_loads:
             self.runner.load_adapter(adapters[name], pages)
         sampled = self.runner.run(plan, self.pages, adapters, self.eos_token_ids)
@@ -262,9 +270,9 @@ class LLMEngine:
         for lora, pages in self.scheduler.plan_prefetch():
             handle = self.runner.load_adapter(lora, pages, prefetch=True)
             if handle is None:
-                self.scheduler.finish_loading(lora.name)
+                self.scheduler.finish_loading(lora.key)
             else:
-                self._prefetching[lora.name] = handle
+                self._prefetching[lora.key] = handle
 
     def _poll_prefetches(self) -> None:
         for name, (event, _staging) in list(self._prefetching.items()):
@@ -300,6 +308,7 @@ class LLMEngine:
         s.adapter_prefetches_total = self.scheduler.adapter_prefetches
         s.num_preemptions_total = self.scheduler.num_preemptions
         s.num_adapters_quarantined = len(self.quarantine.names())
+        fill_gateway_stats(self, s)
         return EngineStats(**vars(s))
 
     # --- per-sequence bookkeeping -----------------------------------------------------------
@@ -359,7 +368,7 @@ class LLMEngine:
     def release(self, seq: Sequence) -> None:
         """Drop the sequence's adapter reference (once)."""
         if seq.lora is not None and not seq.lora_released:
-            self.lora.release(seq.lora.name)
+            self.lora.release(seq.lora.key)
             seq.lora_released = True
 
 

@@ -126,6 +126,9 @@ class PageManager:
         self._pins[name] = self._pins.get(name, 0) + 1
         self._adapters.move_to_end(name)
 
+    def is_pinned(self, name: str) -> bool:
+        return bool(self._pins.get(name))
+
     def unpin(self, name: str) -> None:
         count = self._pins.get(name, 0)
         assert count > 0, f"adapter {name!r} unpinned more often than pinned"

@@ -9,9 +9,10 @@ import time
 
 from engine.errors import AdapterQuarantinedError
 
-HOW_TO_CLEAR = ("its requests are refused until the model is reloaded (Triton's model repository API: "
-                "POST /v2/repository/models/multilora/load) or the server restarted; fix or replace the "
-                "adapter's files first")
+HOW_TO_CLEAR = ("its requests are refused until the adapter is reloaded through the admin model "
+                "multilora_adapters ({\"action\": \"reload\"}), the model is reloaded (Triton's model "
+                "repository API: POST /v2/repository/models/multilora/load) or the server restarted; fix or "
+                "replace the adapter's files first")
 
 
 class AdapterQuarantine:

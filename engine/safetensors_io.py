@@ -1,9 +1,13 @@
-"""Reading a .safetensors file with one mapping and no per-tensor work in Python beyond a view.
+"""Reading a .safetensors file with one read and no per-tensor work in Python beyond a view.
 
 Adapters are read by loader threads while the engine thread runs steps in the same interpreter.
 The safetensors package's torch path builds each tensor through Python-level storage slicing,
-holding the GIL for most of an adapter's load; here the file is mapped once and each tensor is a
-numpy view of the mapping, wrapped by torch without a copy.
+holding the GIL for most of an adapter's load; here the file is read once into a private buffer
+(the read frees the GIL) and each tensor is a numpy view of it, wrapped by torch without a copy.
+One buffer, not a mapping of the file: what is hashed for the adapter's digest and what is packed
+for serving are the same bytes even when the file is rewritten while it is read (a private
+mapping shows later writes to pages not yet touched). ``parse_safetensors`` reads bytes that came
+over the wire (an upload) the same way.
 
 Format: 8 bytes little-endian header length N, N bytes of JSON {name: {dtype, shape,
 data_offsets: [begin, end]}, "__metadata__": {...}}, then the data (offsets relative to it).
@@ -12,8 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -29,12 +33,24 @@ MAX_HEADER_BYTES = 100 << 20
 
 
 def read_safetensors(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of the file, as CPU tensors sharing one buffer. Raises ValueError saying what
-    is wrong with a file that is not valid safetensors."""
-    with open(path, "rb") as f:
-        # mapped copy-on-write: pages are read when first touched (by the packing copy, which runs
-        # without the GIL), and writable, so torch wraps them without a warning
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.fstat(f.fileno()).st_size else b""
+    """All tensors of the file, as CPU tensors sharing one private buffer. Raises ValueError
+    saying what is wrong with a file that is not valid safetensors."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = bytearray(size)
+        view = memoryview(data)
+        filled = 0
+        while filled < size:  # a file truncated meanwhile gives fewer bytes: parse what was read
+            n = f.readinto(view[filled:])
+            if not n:
+                break
+            filled += n
+    return parse_safetensors(data if filled == size else data[:filled])
+
+
+def parse_safetensors(data: bytes | bytearray) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors bytes, as views of ``data``. Views of read-only bytes (an
+    upload) are read-only too: they are only read (packing copies them), so no copy is made."""
     if len(data) < 8:
         raise ValueError(f"the file has {len(data)} bytes; a safetensors file starts with an 8-byte header length")
     n = int.from_bytes(data[:8], "little")
@@ -62,6 +78,8 @@ def read_safetensors(path: str) -> dict[str, torch.Tensor]:
             raise ValueError(f"tensor {name!r}: data_offsets {[begin, end]} do not hold shape {shape} of "
                              f"{info['dtype']} within the file's {buffer.shape[0]} data bytes")
         array = buffer[begin:end].view(np_dtype).reshape(shape)
-        tensor = torch.from_numpy(array)
+        with warnings.catch_warnings():  # read-only bytes: torch warns that writing them is undefined
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(array)
         tensors[name] = tensor.view(view) if view is not None else tensor
     return tensors

@@ -64,7 +64,7 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
             if seq.lora is not None:
-                self.pages.unpin(seq.lora.name)
+                self.pages.unpin(seq.lora.key)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.pages.free_seq(seq.request_id)
@@ -94,22 +94,22 @@ class Scheduler:
         while index < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[index]
             lora = seq.lora
-            if lora is not None and lora.name in self.loading:
+            if lora is not None and lora.key in self.loading:
                 index += 1  # its adapter is still being copied in; later requests may pass it
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self.pages.extra_blocks(seq.request_id, seq.num_computed_tokens + num_new)
-            load = lora is not None and not self.pages.is_resident(lora.name)
+            load = lora is not None and not self.pages.is_resident(lora.key)
             if lora is not None and not load:
-                self.pages.pin(lora.name)  # first, so its own pages do not count as evictable
+                self.pages.pin(lora.key)  # first, so its own pages do not count as evictable
             if not self.pages.can_reserve(need + (lora.num_pages if load else 0)):
                 if lora is not None and not load:
-                    self.pages.unpin(lora.name)
+                    self.pages.unpin(lora.key)
                 break
             del self.waiting[index]
             if load:
-                plan.adapter_loads.append((lora.name, self.pages.add_adapter(lora.name, lora.num_pages)))
-                self.pages.pin(lora.name)
+                plan.adapter_loads.append((lora.key, self.pages.add_adapter(lora.key, lora.num_pages)))
+                self.pages.pin(lora.key)
                 self.adapter_pool_misses += 1
             elif lora is not None:
                 self.adapter_pool_hits += 1
@@ -127,13 +127,13 @@ class Scheduler:
         loads = []
         for seq in list(islice(self.waiting, lookahead)):
             lora = seq.lora
-            if lora is None or self.pages.is_resident(lora.name):
+            if lora is None or self.pages.is_resident(lora.key):
                 continue
             if self.pages.num_free - len(self.running) < lora.num_pages:
                 break
-            pages = self.pages.add_adapter(lora.name, lora.num_pages)
-            self.pages.pin(lora.name)
-            self.loading.add(lora.name)
+            pages = self.pages.add_adapter(lora.key, lora.num_pages)
+            self.pages.pin(lora.key)
+            self.loading.add(lora.key)
             self.adapter_prefetches += 1
             loads.append((lora, pages))
         return loads
@@ -145,7 +145,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         if seq.lora is not None:
-            self.pages.unpin(seq.lora.name)
+            self.pages.unpin(seq.lora.key)
         self.pages.free_seq(seq.request_id)
         seq.status = Status.WAITING
         seq.num_computed_tokens = 0

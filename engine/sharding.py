@@ -146,5 +146,6 @@ def shard_adapter(full: PackedAdapter, config: ModelConfig, size: int, fully_sha
                     b_dest.copy_(b_t[:, :, j * width:(j + 1) * width])
                 else:
                     b_dest.copy_(b_t)
-    return PackedAdapter(full.name, data, num_pages, ranks, a_offsets, b_offsets, dict(full.scales))
+    return PackedAdapter(full.name, data, num_pages, ranks, a_offsets, b_offsets, dict(full.scales),
+                         digest=full.digest)
 

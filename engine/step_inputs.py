@@ -72,7 +72,7 @@ def prepare(plan: StepPlan, pages: PageManager, adapters: dict[str, PackedAdapte
         input_ids.extend(known)
         positions.extend(range(start, start + n))
         slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-        token_adapters.extend([seq.lora.name if seq.lora is not None else None] * n)
+        token_adapters.extend([seq.lora.key if seq.lora is not None else None] * n)
         query_start_loc.append(query_start_loc[-1] + n)
         seq_lens.append(start + n)
         block_tables.append(table)

@@ -18,8 +18,8 @@ import secrets
 import sys
 from typing import Mapping, Sequence
 
-from multilora_serve.launcher import (ADMIN_KEY_ENV, ADMIN_KEY_HEADER, GRPC_HEADER_PREFIX, STUB_TIMEOUT_S,
-                                      restricted_api_args)
+from multilora_serve.launcher import (ADMIN_KEY_ENV, ADMIN_KEY_HEADER, GRPC_HEADER_PREFIX, HEADER_FORWARD_ARGS,
+                                      STUB_TIMEOUT_S, restricted_api_args)
 
 MODEL_REPOSITORY = "/opt/multilora/model_repository"
 NO_RESTRICTED_API_ENV = "MULTILORA_NO_RESTRICTED_API"
@@ -29,9 +29,11 @@ def tritonserver_argv(environ: Mapping[str, str], extra: Sequence[str] = ()) -> 
     """(the tritonserver command, the admin key or None when the APIs are left open)."""
     argv = ["tritonserver", f"--model-repository={MODEL_REPOSITORY}",
             f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}",
+            # the authorization header (tenant and adapter-admin tokens) reaches the models
+            *HEADER_FORWARD_ARGS,
             # explicit model control: a client with the key can unload the model and load it
             # again (POST /v2/repository/models/multilora/load), e.g. when it answers not-ready
-            "--model-control-mode=explicit", "--load-model=multilora"]
+            "--model-control-mode=explicit", "--load-model=multilora", "--load-model=multilora_adapters"]
     key = None
     if environ.get(NO_RESTRICTED_API_ENV, "") not in ("1", "true", "yes"):
         key = environ.get(ADMIN_KEY_ENV) or secrets.token_urlsafe(24)

@@ -55,6 +55,10 @@ ADMIN_KEY_ENV = "MULTILORA_ADMIN_KEY"
 ADMIN_KEY_HEADER = "multilora-admin-key"
 RESTRICTED_APIS = ("model-repository", "logging", "shared-memory")
 GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # what Triton 2.51 looks for in gRPC metadata
+# The authorization header (tenant and adapter-admin tokens, "Bearer ...") reaches the models as
+# a request parameter. HTTP keeps the case a client sends; gRPC metadata is lower case.
+HEADER_FORWARD_ARGS = ("--http-header-forward-pattern=^[Aa]uthorization$",
+                       "--grpc-header-forward-pattern=^authorization$")
 DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 _LOG_TAIL_LINES = 200
 # The Python backend gives a stub 30 s by default to answer, initialize() included; a 7B model's
@@ -313,6 +317,7 @@ class TritonServer:
             f"--log-verbose={self.log_verbose}",
             f"--exit-timeout-secs={self.exit_timeout_s}",
             f"--backend-config=python,stub-timeout-seconds={STUB_TIMEOUT_S}",
+            *HEADER_FORWARD_ARGS,
             *self.model_control_args(),
             *self.restricted_api_args(),
             *self.extra_args,

@@ -12,6 +12,8 @@
 #   tools/gpu_bench.sh warmstart # tools/check_warm_start.py: kernels compiled at start-up and during traffic
 #   tools/gpu_bench.sh lora      # GPU tests, eager profiles (LoRA-off batch 32; batch 1 and 64, rank 16 all-linear),
 #                                # bench/engine.py at batch 1, 32, 64, 256, bench/kernels.py
+#   tools/gpu_bench.sh upload    # bench/upload.py: a 7B rank-16 all-linear adapter (80 MB) uploaded through
+#                                # Triton until its first token (target <= 1 s); carry .whl
 #
 # Each step has its own time limit, so one that hangs does not take the others' time.
 set -uo pipefail
@@ -87,8 +89,12 @@ case "${1:-}" in
     warmstart)
         step 500 warm_start python tools/check_warm_start.py --compare --json "$OUT/warm_start_h200.json"
         ;;
+    upload)
+        tools/gpu_triton_setup.sh install /tmp/multilora-venv > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
+        step 540 upload /tmp/multilora-venv/bin/python bench/upload.py --runs 5 --server-log "$OUT/tritonserver_upload.log"
+        ;;
     *)
-        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart|lora" >&2
+        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart|lora|upload" >&2
         exit 2
         ;;
 esac

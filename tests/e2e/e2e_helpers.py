@@ -48,6 +48,12 @@ def copy_model_repository(root: Path, engine_json: dict) -> Path:
     return root
 
 
+def copy_admin_model(root: Path) -> Path:
+    """The adapter admin model, beside a copied multilora model."""
+    shutil.copytree(MODEL_REPOSITORY / "multilora_adapters", root / "multilora_adapters")
+    return root
+
+
 @dataclass
 class Response:
     request_id: str
@@ -73,12 +79,14 @@ class StreamClient:
     says whether it is final.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, metadata: dict[str, str] | None = None) -> None:
+        """``metadata``: gRPC headers of the stream (e.g. ``authorization``)."""
         self._channel = grpc.insecure_channel(url)
         stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._outgoing: queue.Queue = queue.Queue()
         self._incoming: queue.Queue = queue.Queue()
-        self._call = stub.ModelStreamInfer(iter(self._outgoing.get, None))
+        self._call = stub.ModelStreamInfer(iter(self._outgoing.get, None),
+                                           metadata=tuple((metadata or {}).items()) or None)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -169,12 +177,12 @@ def build_request(request_id: str, text: str | None = None, input_ids: list[int]
 
 
 def generate(http_url: str, body: dict[str, Any], stream: bool = False,
-             timeout: float = 60.0) -> tuple[int, Any]:
+             timeout: float = 60.0, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     """POST /generate (one JSON object back) or /generate_stream (a list of SSE events)."""
     path = "generate_stream" if stream else "generate"
     request = urllib.request.Request(f"{http_url}/v2/models/{MODEL}/{path}",
                                      data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
             status, text = reply.status, reply.read().decode()

@@ -75,3 +75,13 @@ def test_perf_analyzer_input_matches_the_model_inputs():
         assert entry["stream"] == [True]
         json.loads(entry["sampling_parameters"][0])
     assert {e["lora_name"][0] for e in data} == {"", "upper", "reverse", "rot13"}
+
+
+def test_adapter_admin_lists_and_says_why_it_cannot_load(llm_server):
+    """The shared server has no admin token: list answers, load is refused with what to set."""
+    done = run([sys.executable, str(EXAMPLES / "adapter_admin.py"), "--url", llm_server.grpc_url, "list"])
+    assert done.returncode == 0, done.stderr
+    assert {"upper", "reverse", "rot13"} <= {row["name"] for row in json.loads(done.stdout)["adapters"]}
+    done = run([sys.executable, str(EXAMPLES / "adapter_admin.py"), "--url", llm_server.grpc_url, "--token", "t",
+                "upload", "x", str(ROOT / "demo" / "adapters" / "upper")])
+    assert done.returncode == 1 and "MULTILORA_ADMIN_TOKEN" in done.stderr and "only action list" in done.stderr

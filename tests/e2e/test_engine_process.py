@@ -41,8 +41,9 @@ def model_ready(server) -> int:
 def test_engine_runs_in_a_child_process_of_the_stub(server):
     pids = engine_pids(server)
     assert len(pids) == 1, [cmdline(p) for p in descendants(server.process.pid)]
-    stub = [p for p in descendants(server.process.pid) if "triton_python_backend_stub" in cmdline(p)]
-    assert stub and pids[0] in descendants(stub[0])
+    stubs = [p for p in descendants(server.process.pid) if "triton_python_backend_stub" in cmdline(p)]
+    assert len(stubs) == 2  # multilora and its admin model multilora_adapters; the engine is under one
+    assert sum(pids[0] in descendants(stub) for stub in stubs) == 1
     status, reply = generate(server.http_url, {"text_input": "hello", "lora_name": "upper",
                                                 "sampling_parameters": '{"temperature": 0}'})
     assert status == 200 and reply["text_output"] == "helloHELLO"

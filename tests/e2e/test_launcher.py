@@ -156,6 +156,9 @@ def test_admin_apis_are_restricted_by_default(monkeypatch):
 def test_model_control_arguments():
     explicit = TritonServer(ROOT / "model_repository", restrict_admin=False).command(Path("B"))
     assert explicit[-2:] == ["--model-control-mode=explicit", "--load-model=*"]
+    # the authorization header (tenant and admin tokens) reaches the models as a request parameter
+    assert {"--http-header-forward-pattern=^[Aa]uthorization$", "--grpc-header-forward-pattern=^authorization$"} \
+        <= set(explicit)
     none = TritonServer(ROOT / "model_repository", model_control_mode="none").command(Path("B"))
     assert not any(arg.startswith(("--model-control-mode", "--load-model")) for arg in none)
     poll = TritonServer(ROOT / "model_repository", model_control_mode="poll",

@@ -117,8 +117,8 @@ def test_adapter_names_must_be_plain(name):
 def test_manager_resolves_roots_refcounts_and_evicts(tmp_path, base_and_adapter):
     base, good = base_and_adapter
     root = tmp_path / "root"
-    for name in ("x", "y", "z"):
-        shutil.copytree(good, root / name)
+    for i, name in enumerate(("x", "y", "z")):  # other bytes each: the same bytes would share one copy
+        broken_copy(good, root / name, edit_tensors=lambda t, i=i: t.update({k: v + i for k, v in t.items()}))
     model = ModelConfig.from_dir(base)
     probe = LoRAManager(model, {}, [str(root)], 64, 1 << 30, page_size=512, dtype=torch.float32, pin_memory=False)
     one = probe.acquire("x").num_bytes
@@ -128,8 +128,7 @@ def test_manager_resolves_roots_refcounts_and_evicts(tmp_path, base_and_adapter)
         mgr.acquire("nope")
     assert str(caught.value) == "LoRA adapter 'nope' is not known"  # no other tenant's names, no paths
     x = mgr.acquire("x")
-    mgr.acquire("y")
-    mgr.release("y")
+    mgr.release(mgr.acquire("y").key)  # references are per version (digest)
     mgr.acquire("z")  # over budget: evicts y (unreferenced), never x (held)
     stats = mgr.snapshot()
     assert stats.host_evictions_total == 1 and stats.num_host == 2 and stats.host_bytes == 2 * one
@@ -323,7 +322,8 @@ def test_symlinks_inside_the_root_load_and_out_of_it_are_refused(tmp_path, base_
                 mgr.acquire(name)
         assert str(tmp_path) not in str(caught.value)
         assert str(outside) in caplog.text  # where it pointed: in the server's log
-    assert set(mgr._refs) == {"real", "alias", "file_inside"}  # a refused load holds nothing
+    # a refused load holds nothing; the three names hold the same bytes: one version, three references
+    assert mgr._refs == {mgr.acquire("real").key: 4}
     allowed = _manager(base, [str(root)], allow_symlinks_outside_roots=True)
     assert allowed.acquire("escape").num_pages > 0 and allowed.acquire("file_escape").num_pages > 0
 

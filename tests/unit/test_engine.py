@@ -293,6 +293,6 @@ def test_a_refused_request_holds_no_adapter_reference(base, tmp_path, monkeypatc
     assert not engine.lora._refs
     monkeypatch.undo()
     seq = engine.make_sequence("x", None, [1, 2], SamplingParams(max_tokens=4), "a")
-    assert engine.lora._refs == {"a": 1}
+    assert engine.lora._refs == {seq.lora.digest: 1}  # per version: the digest the request was admitted with
     engine.release(seq)
     assert not engine.lora._refs

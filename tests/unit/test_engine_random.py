@@ -56,7 +56,7 @@ def test_random_interleavings_keep_the_pool_consistent(engine, operations):
             if out is not None:
                 collect([out])
         engine.pages.check_invariants()
-        running = {s.lora.name for s in engine.scheduler.running if s.lora is not None}
+        running = {s.lora.key for s in engine.scheduler.running if s.lora is not None}
         assert all(engine.pages.is_resident(name) for name in running)
     while engine.has_work():
         collect(engine.step())

@@ -35,11 +35,13 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from engine.core_admin import admin_address
 from engine.core_client import EngineCoreClient
-from engine.errors import (AdapterLoadError, AdapterNotFoundError, EngineError, EngineOverloadedError,
-                           EngineUnavailableError, InvalidRequestError, RequestAbortedError)
+from engine.errors import EngineError, EngineUnavailableError, RequestAbortedError, triton_code
+from engine.tenants import TENANTS_FILE, TenantRules
 from multilora_serve.launcher import ENGINE_ARGS_ENV
 from engine.outputs import RequestOutput
+from multilora_gateway_metrics import GatewayMetrics
 from multilora_metrics import ServingMetrics
 from multilora_requests import ParsedRequest, parse_request
 from multilora_senders import ResponseSenders
@@ -117,15 +119,7 @@ def _triton_error(message: str, code_name: str) -> Any:
 
 def _classify(error: BaseException) -> tuple[str, str]:
     """(Triton error code name, metrics reason) of an engine or validation error."""
-    if isinstance(error, AdapterNotFoundError):
-        return "NOT_FOUND", "not_found"
-    if isinstance(error, (InvalidRequestError, AdapterLoadError)):
-        return "INVALID_ARG", "invalid_arg"
-    if isinstance(error, (EngineOverloadedError, EngineUnavailableError)):
-        return "UNAVAILABLE", "unavailable"
-    if isinstance(error, RequestAbortedError):
-        return "CANCELLED", "cancelled"
-    return "INTERNAL", "internal"
+    return triton_code(error)
 
 
 @dataclass(eq=False)
@@ -173,6 +167,15 @@ class TritonPythonModel:
         if not os.path.isfile(multi_lora_json):
             multi_lora_json = None
         overrides = _engine_overrides(model_config)
+        # tenants.json next to engine.json: every request's token is checked here (engine/tenants.py)
+        self._tenants = TenantRules.from_file(os.path.join(version_dir, TENANTS_FILE))
+        if self._tenants is not None:
+            _log("info", f"tenants: {len(self._tenants.tenants)} from {TENANTS_FILE}; requests need their token")
+        try:  # where model multilora_adapters reaches the engine (engine/core_admin.py)
+            admin = admin_address(os.getppid(), args["model_name"], create=True)
+        except (OSError, RuntimeError) as error:
+            _log("warn", f"adapter administration is off: {error}")
+            admin = None
         _log("info", f"starting the engine from {engine_json}, adapters {multi_lora_json}, "
                      f"overrides {overrides}")
         self._model_name = args["model_name"]
@@ -180,6 +183,7 @@ class TritonPythonModel:
         self._ids = itertools.count()
         self._metrics = ServingMetrics({"model": args["model_name"],
                                         "version": args["model_version"]}, _log)
+        self._gateway_metrics = GatewayMetrics({"model": args["model_name"], "version": args["model_version"]}, _log)
         self._thread = None
         self._senders = ResponseSenders(_response_threads(model_config), _FINAL, _log)
         self._last_stats_error = ""
@@ -187,7 +191,7 @@ class TritonPythonModel:
         started = time.monotonic()
         self._engine = EngineCoreClient(engine_json, multi_lora_json, overrides,
                                         on_outputs=self._on_step_outputs, on_log=_log_engine_line,
-                                        on_death=self._on_engine_death)
+                                        on_death=self._on_engine_death, admin_address=admin)
         try:
             self._engine.start()
         except Exception:
@@ -215,6 +219,7 @@ class TritonPythonModel:
             self._thread = None
         self._senders.close()
         self._metrics.close()
+        self._gateway_metrics.close()
         _log("info", "finalize: done")
 
     # -- execute side ----------------------------------------------------------------------
@@ -227,6 +232,8 @@ class TritonPythonModel:
                 raise EngineUnavailableError(
                     f"the engine process {self._engine.dead}; the model is being unloaded: load it again")
             parsed = parse_request(request)
+            if self._tenants is not None:  # on every request, also for a resident adapter
+                self._tenants.check(parsed.authorization, parsed.lora_name)
         except Exception as error:  # InvalidRequestError, or a bug: the request still gets a FINAL
             live = _LiveRequest(request_id, key, request, request.get_response_sender(), None, arrival)
             self._events.put(("new", live))
@@ -431,8 +438,10 @@ class TritonPythonModel:
 
     def _update_stats(self) -> None:
         try:
-            self._metrics.engine_stats(self._engine.stats())
+            stats = self._engine.stats()
+            self._metrics.engine_stats(stats)
             self._metrics.flush()
+            self._gateway_metrics.update(stats)
         except Exception as error:
             message = f"updating metrics failed: {error!r}"
             if message != self._last_stats_error:  # every STATS_POLL_S: say it once

@@ -58,6 +58,7 @@ GAUGES = {
     "vllm:num_requests_running": "Number of requests currently running on GPU.",
     "vllm:num_requests_waiting": "Number of requests waiting to be processed.",
     "vllm:gpu_cache_usage_perc": "GPU KV-cache usage. 1 means 100 percent usage.",
+    "vllm:kv_cache_usage_perc": "KV-cache usage. 1 means 100 percent usage.",
 }
 # Histograms fall back to gauges (last value) on servers older than 24.08.
 HISTOGRAMS = {
@@ -156,6 +157,7 @@ class ServingMetrics:
             usage = used / total if total else 0.0
             self._set("multilora_kv_cache_usage_perc", usage)
             self._set("vllm:gpu_cache_usage_perc", usage)
+            self._set("vllm:kv_cache_usage_perc", usage)  # the newer name
         for names, field in _STAT_COUNTERS:
             value = _first_field(stats, (field,))
             if value is None:

@@ -19,6 +19,7 @@ from engine.errors import InvalidRequestError
 from engine.outputs import RequestOutput
 from engine.request_checks import check_adapter_name, check_prompt, parse_json
 from engine.sampling_params import SamplingParams
+from engine.tenants import find_authorization
 
 # Request parameters that are transport or model-input settings, never sampling parameters
 # (used when sampling parameters come from the request parameters, as in the generate endpoint).
@@ -27,6 +28,7 @@ _TRANSPORT_PARAMETERS = frozenset({
     "return_num_input_tokens", "return_num_output_tokens", "return_logprobs", "return_cumulative_logprob",
     "binary_data_output", "priority",
     "timeout", "sequence_id", "sequence_start", "sequence_end", "headers",
+    "authorization",  # the forwarded header with the tenant's token (engine/tenants.py)
 })
 
 
@@ -49,6 +51,7 @@ class ParsedRequest:
     # outputs the client asked for (empty: all). Only these are built: Triton <= 24.12 drops the
     # others in ResponseSender.send without holding the GIL, which crashes the stub under load.
     outputs: frozenset[str] = frozenset()
+    authorization: str | None = None  # the forwarded authorization header (tenants)
 
     def wants(self, output_name: str) -> bool:
         return not self.outputs or output_name in self.outputs
@@ -70,7 +73,7 @@ def parse_request(request: Any) -> ParsedRequest:
         sampling = _json_object(sampling_text, "sampling_parameters")
     else:  # as Triton's vLLM backend: the request parameters are the sampling parameters
         sampling = {k: v for k, v in request_parameters.items()
-                    if k not in _TRANSPORT_PARAMETERS and not k.startswith("triton_")}
+                    if k.lower() not in _TRANSPORT_PARAMETERS and not k.startswith("triton_")}
     lora_name = _resolve_adapter(_string_input(request, "lora_name"), sampling, request_parameters)
     params = SamplingParams.from_dict(sampling, ignore=("lora_name",))
     has_logprobs = params.logprobs is not None
@@ -94,6 +97,7 @@ def parse_request(request: Any) -> ParsedRequest:
         return_cumulative_logprob=return_cumulative_logprob,
         has_logprobs=has_logprobs,
         outputs=frozenset(request.requested_output_names() if hasattr(request, "requested_output_names") else ()),
+        authorization=find_authorization(request_parameters),
     )
 
 
