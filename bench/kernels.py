@@ -378,10 +378,13 @@ def sweep(deadline: float) -> list[dict]:
             record("fused", case.name + label, c,
                    lambda c=c: time_graph([lambda s=s: setup.fused(s, c) for s in setup.sets]))
 
-    fused_decode = [(256, 256, 2, None, 4, 3), (256, 128, 2, None, 4, 3), (128, 256, 2, None, 4, 3),
-                    (512, 256, 2, None, 4, 3), (256, 256, 4, None, 4, 3), (256, 256, 1, None, 4, 3),
-                    (256, 256, 2, 1, 4, 3), (256, 256, 2, 2, 4, 3), (256, 256, 4, 64, 4, 3), (256, 256, 2, None, 8, 3),
-                    (256, 256, 2, None, 4, 4), (256, 512, 2, None, 4, 2), (512, 512, 2, None, 8, 2)]
+    # rank 16 (the default is 256 x 256, 2 programs per SM, 4 warps, 4 stages); 512-long pieces need 8 warps
+    # (255 registers, no spill at sm_90), so one program per SM
+    fused_decode = [(256, 128, 2, None, 4, 4), (128, 256, 2, None, 4, 4), (256, 256, 4, None, 4, 4),
+                    (256, 256, 1, None, 4, 4), (256, 256, 2, 1, 4, 4), (256, 256, 2, 2, 4, 4), (256, 256, 4, 64, 4, 4),
+                    (256, 256, 2, None, 8, 4),
+                    (256, 256, 2, None, 4, 3), (256, 256, 2, None, 4, 5), (512, 256, 1, None, 8, 4),
+                    (512, 512, 1, None, 8, 3), (512, 256, 2, None, 8, 4)]
     for case in (LORA_CASES[1], LORA_CASES[3], LORA_CASES[4], LORA_CASES[6], LORA_CASES[7], LORA_CASES[8],
                  LORA_CASES[9]):
         fused_candidates(case, fused_decode)

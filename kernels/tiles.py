@@ -165,11 +165,13 @@ def fused_tiles(max_tiles: int, k: int, max_n: int, num_proj: int, max_rank: int
     if block_m >= 64:  # prefill: full x tiles; y's bytes dominate
         shapes = {16: (64, 64, 4), 32: (64, 64, 8), 64: (64, 64, 8), 128: (64, 64, 8)}
         block_k, block_n, num_warps = shapes.get(block_r, (32, 32, 8))
-        ratio = 2
+        ratio, num_stages = 2, 3
     else:  # decode: few tokens per tile; long A and B^T pieces per step keep more bytes in flight
         shapes = {16: (256, 256, 4), 32: (128, 128, 4), 64: (128, 128, 8), 128: (64, 64, 8)}
-        block_k, block_n, num_warps = shapes.get(block_r, (64, 32, 8))
-        ratio = 4
+        block_k, block_n, num_warps = shapes.get(block_r, (32, 32, 8))
+        # a stage more than the split kernels where it fits: the same registers, more bytes in
+        # flight; from BLOCK_R 64 a float32 pool's 4 stages would pass an SM's 227 kB
+        ratio, num_stages = 4, 4 if block_r <= 32 else 3
     small_block_k, small_block_n, _ = shapes[16]
     if k > page_size:
         block_k, small_block_k = _paged_block(block_k, page_size), _paged_block(small_block_k, page_size)
@@ -178,7 +180,7 @@ def fused_tiles(max_tiles: int, k: int, max_n: int, num_proj: int, max_rank: int
     col_block = max(block_n, small_block_n)
     max_split = max(1, min(cdiv(max_n, col_block), cdiv(ratio * max_n, k)))
     num_programs = max(1, min(2 * num_sms, max_tiles * min(num_proj, 4) * max_split))  # ~2 programs per SM
-    return FusedTiles(block_k, block_n, num_programs, max_split, num_warps, 3, small_block_k, small_block_n)
+    return FusedTiles(block_k, block_n, num_programs, max_split, num_warps, num_stages, small_block_k, small_block_n)
 
 
 def decode_attention_tiles(num_seqs: int, num_kv_heads: int, max_context: int, head_dim: int,
