@@ -135,6 +135,7 @@ def prefill_rows(engine: LLMEngine, adapters: list[str], num_tokens: int, repeat
                       f"{tps:9.0f} tok/s | {tps / base:5.2f} of LoRA off", flush=True)
         finally:
             tiles.lora_fused = fused_choice
+    engine.config.async_scheduling = True
     return rows
 
 
