@@ -140,7 +140,9 @@ def lora_fused(block_m: int) -> bool:
     """Whether steps of this LoRA tile class (lora_block_m) run each projection group's LoRA as one
     lora_fused launch (z on chip) rather than lora_shrink + lora_expand through a z buffer in memory.
     Decode: fused (it removes two of the three launches, and their latency is most of the cost).
-    Prefill: fused too; bench/engine.py --prefill-kernels fused,split times both for the record."""
+    Prefill: fused too, not yet measured against the split pair: bench/engine.py's prefill rows
+    time both (it replaces this function for its split rows). The warm-up runs one step per token
+    class, so this choice may depend on block_m only."""
     return True
 
 

@@ -10,6 +10,8 @@
 #   tools/gpu_bench.sh coldstart # an empty kernel cache: start-up, then 120 s of S1 through tritonserver in
 #                                # two windows; then S1 through both paths on the cache it filled; carry .whl
 #   tools/gpu_bench.sh warmstart # tools/check_warm_start.py: kernels compiled at start-up and during traffic
+#   tools/gpu_bench.sh kernels   # the LoRA kernel tests compiled (every dtype, real shapes), bench/kernels.py
+#   tools/gpu_bench.sh sweep     # bench/kernels.py --sweep: lora_fused (then shrink, expand) tile candidates
 #
 # Each step has its own time limit, so one that hangs does not take the others' time.
 set -uo pipefail
@@ -35,6 +37,15 @@ case "${1:-}" in
         step 90 profile32_lora python tools/profile_step.py --batch 32 --lora mixed
         step 300 engine python bench/engine.py --json "$OUT/bench_engine_h100.json"
         step 120 peers python bench/peers.py --adapters 16 --json "$OUT/bench_peers_h100.json"
+        ;;
+    kernels)
+        step 300 gpu_lora_tests python -m pytest -q tests/kernels/test_lora.py tests/kernels/test_lora_fused.py \
+            tests/kernels/test_bench_lora.py -p no:cacheprovider
+        step 280 kernels python bench/kernels.py --json "$OUT/bench_kernels_h200.json"
+        ;;
+    sweep)
+        step 580 kernels_sweep python bench/kernels.py --sweep --sweep-only --sweep-seconds 480 \
+            --json "$OUT/bench_kernels_sweep_h200.json"
         ;;
     serving)
         tools/gpu_triton_setup.sh install /tmp/multilora-venv > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
@@ -78,7 +89,7 @@ case "${1:-}" in
         step 500 warm_start python tools/check_warm_start.py --compare --json "$OUT/warm_start_h200.json"
         ;;
     *)
-        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart" >&2
+        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart|kernels|sweep" >&2
         exit 2
         ;;
 esac
