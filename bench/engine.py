@@ -167,7 +167,7 @@ def main() -> None:
     setups = {"rank 8 q,k,v,o": (8, QKVO), "rank 16 all-linear": (16, ALL_LINEAR)}
     adapters = {}
     for label, (rank, modules) in setups.items():
-        for i in range(min(max(batches), MAX_DISTINCT)):
+        for i in range(min(max(*batches, PREFILL_PROMPTS), MAX_DISTINCT)):  # the prefill rows use 16
             name = f"{label.split()[1]}-{len(modules)}-{i}"
             adapters.setdefault(label, []).append(name)
             engine.lora.register(name, random_adapter(name, mc, rank, modules, i, runner.page_size, runner.dtype,
