@@ -163,9 +163,10 @@ def fused_tiles(max_tiles: int, k: int, max_n: int, num_proj: int, max_rank: int
         return FusedTiles(block_k, block_n, 16, 3, 1, 1, small_block_k=MIN_DOT, small_block_n=32)
     # (block_k, block_n, warps) per BLOCK_R: the largest pieces whose sm_90 binary (Triton 3.9,
     # compiled on the CPU machine) spills no registers; e.g. decode rank 32 at 256 x 128 spills,
-    # prefill rank 16 at 64 x 128 spills 1 kB a thread (as lora_expand's BLOCK_M 64 binary does)
+    # prefill rank 16 at 64 x 128 spills 1 kB a thread (as lora_expand's BLOCK_M 64 binary does),
+    # and at 64 x 64 with 4 warps 16 bytes for q,k,v
     if block_m >= 64:  # prefill: full x tiles; y's bytes dominate
-        shapes = {16: (64, 64, 4), 32: (64, 64, 8), 64: (64, 64, 8), 128: (64, 64, 8)}
+        shapes = {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (64, 64, 8)}
         block_k, block_n, num_warps = shapes.get(block_r, (32, 32, 8))
         ratio, num_stages = 2, 3
     else:  # decode: few tokens per tile; long A and B^T pieces per step keep more bytes in flight
