@@ -4,8 +4,10 @@ Usage (repo root, CUDA machine):  PYTHONPATH=. python bench/kernels.py [--json P
 Times are medians of CUDA-graph replays; each graph runs the op over several input sets in turn
 (adapters and KV larger than L2 together), so repeated replays do not measure the cache.
 "bytes" = the fewest bytes the op must move (inputs read once, outputs written once; y is read
-and written); frac = bytes / time / the device-to-device copy bandwidth measured in the same run
-(bench/bandwidth.py).
+and written; z written and read by the split LoRA pair, not by the fused kernel); frac = bytes /
+time / the device-to-device copy bandwidth measured in the same run (bench/bandwidth.py).
+Each LoRA case is timed as the split pair (lora_shrink + lora_expand, the z buffer in memory) and
+as lora_fused (one launch, z on chip); the fused row's "x split" is the pair's time over its own.
 The torch reference is a fair vectorized implementation: decode LoRA gathers each token's
 adapter and uses bmm, prefill LoRA runs one matmul pair per segment, decode attention gathers
 the pages and calls scaled_dot_product_attention; prefill attention is also compared with
@@ -35,6 +37,7 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
 from bench.bandwidth import copy_bandwidth
 from kernels import reference, tiles
 from kernels.lora_expand import lora_expand
+from kernels.lora_fused import lora_fused
 from kernels.lora_meta import LoRAStepMeta
 from kernels.lora_shrink import lora_shrink
 from kernels.paged_attention import paged_decode_attention
@@ -157,11 +160,11 @@ class LoraSetup:
                                                                   case.rank * n).view(case.rank, n)
                                              for s in range(num_slots)]))  # [NS, r, N]
 
-    def bytes_moved(self) -> int:
+    def bytes_moved(self, fused: bool = False) -> int:
         c = self.case
         n_total = sum(c.out_sizes)
         xy = c.num_tokens * (c.k + 2 * n_total) * DTYPE.itemsize
-        z = 2 * c.num_tokens * len(c.out_sizes) * c.rank * 4
+        z = 0 if fused else 2 * c.num_tokens * len(c.out_sizes) * c.rank * 4
         return xy + self.adapter_bytes + z
 
     def shrink(self, s, config=None):
@@ -171,6 +174,11 @@ class LoraSetup:
     def expand(self, s, config=None):
         lora_expand(s["z"], self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["b_offsets"], s["scales"],
                     s["y"], self.out_offsets, list(self.case.out_sizes), meta=s["meta"], config=config)
+
+    def fused(self, s, config=None):
+        lora_fused(s["x"], self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["a_offsets"], s["b_offsets"],
+                   s["scales"], s["y"], self.out_offsets, list(self.case.out_sizes), self.case.rank, meta=s["meta"],
+                   config=config)
 
     def torch_reference(self, s):
         x, y, slots = s["x"], s["y"], s["global_slots"]
@@ -187,11 +195,14 @@ class LoraSetup:
             z = torch.bmm(self.a_stack[p][slots], x.unsqueeze(2))  # [T, r, 1]
             y[:, off:off + n] += torch.bmm(z.transpose(1, 2), self.b_stack[p][slots]).squeeze(1) * 0.5
 
-    def max_error(self) -> float:
+    def max_error(self, fused: bool = False) -> float:
         s = self.sets[0]
         y0 = s["y"].clone()
-        self.shrink(s)
-        self.expand(s)
+        if fused:
+            self.fused(s)
+        else:
+            self.shrink(s)
+            self.expand(s)
         mine = s["y"].float() - y0.float()
         s["y"].copy_(y0)
         self.torch_reference(s)
@@ -208,31 +219,46 @@ LORA_CASES = [
     LoraCase("bgmv qkv 4096->3x4096 T=128 64 adapters r16", 128, 64, 16, 4096, (4096, 4096, 4096)),
     LoraCase("bgmv up T=128 64 adapters r64", 128, 64, 64, 4096, (11008,)),
     LoraCase("bgmv up T=128 1 adapter r16", 128, 1, 16, 4096, (11008,)),
+    LoraCase("bgmv gate_up 4096->2x11008 T=64 64 adapters r16", 64, 64, 16, 4096, (11008, 11008)),
+    LoraCase("bgmv gate_up 4096->2x11008 T=1 1 adapter r16", 1, 1, 16, 4096, (11008, 11008)),
+    LoraCase("bgmv down 11008->4096 T=1 1 adapter r16", 1, 1, 16, 11008, (4096,)),
     LoraCase("sgmv up T=2048 seg128 16 adapters r16", 2048, 16, 16, 4096, (11008,), segment=128),
     LoraCase("sgmv up T=2048 seg128 16 adapters r64", 2048, 16, 64, 4096, (11008,), segment=128),
 ]
 # vLLM 0.33 on the same H100 (TOOLCHAIN.md), us for shrink + expand of one projection
-VLLM_US = {LORA_CASES[0].name: 71.2, LORA_CASES[1].name: 73.5, LORA_CASES[2].name: 84.4, LORA_CASES[3].name: 66.9,
-           LORA_CASES[5].name: 101.2, LORA_CASES[6].name: 24.6, LORA_CASES[7].name: 94.2, LORA_CASES[8].name: 108.8}
+VLLM_US = {"bgmv up 4096->11008 T=64 64 adapters r16": 71.2, "bgmv up 4096->11008 T=128 64 adapters r16": 73.5,
+           "bgmv up 4096->11008 T=256 64 adapters r16": 84.4, "bgmv down 11008->4096 T=128 64 adapters r16": 66.9,
+           "bgmv up T=128 64 adapters r64": 101.2, "bgmv up T=128 1 adapter r16": 24.6,
+           "sgmv up T=2048 seg128 16 adapters r16": 94.2, "sgmv up T=2048 seg128 16 adapters r64": 108.8}
 
 
-def bench_lora(case: LoraCase) -> dict:
+def bench_lora(case: LoraCase) -> list[dict]:
+    """Two rows: the split pair (shrink + expand) and the fused kernel, on the same inputs."""
     setup = LoraSetup(case)
-    err = setup.max_error()
-    t = time_graph([lambda s=s: (setup.shrink(s), setup.expand(s)) for s in setup.sets])
-    t_shrink = time_graph([lambda s=s: setup.shrink(s) for s in setup.sets])
     t_ref = time_graph([lambda s=s: setup.torch_reference(s) for s in setup.sets], replays=10)
-    moved = setup.bytes_moved()
-    if case.segment:
-        target_bytes, target = moved, "frac(all)>=0.50 and >=1x ref"
-        met = moved / t / copy_bandwidth() >= 0.5 and t_ref / t >= 1.0
-    else:
-        target_bytes, target = setup.adapter_bytes, "frac(adapters)>=0.60 and >=3x ref"
-        met = setup.adapter_bytes / t / copy_bandwidth() >= 0.6 and t_ref / t >= 3.0
-    return dict(case=case.name, us=t * 1e6, shrink_us=t_shrink * 1e6, mb=moved / 1e6, gbps=moved / t / 1e9,
-                frac_all=moved / t / copy_bandwidth(), frac_target=target_bytes / t / copy_bandwidth(),
-                ref_us=t_ref * 1e6, speedup=t_ref / t, vllm_us=VLLM_US.get(case.name), target=target, met=met,
-                rel_err=err, rotations=setup.rotations)
+    t_split = time_graph([lambda s=s: (setup.shrink(s), setup.expand(s)) for s in setup.sets])
+    t_shrink = time_graph([lambda s=s: setup.shrink(s) for s in setup.sets])
+    t_fused = time_graph([lambda s=s: setup.fused(s) for s in setup.sets])
+    rows = []
+    for fused, t in ((False, t_split), (True, t_fused)):
+        moved = setup.bytes_moved(fused)
+        frac_all = moved / t / copy_bandwidth()
+        if case.segment:
+            target_bytes, target = moved, "frac(all)>=0.50 and >=1x ref"
+            met = frac_all >= 0.5 and t_ref / t >= 1.0
+        elif fused:  # one launch per projection group: judged on all its bytes
+            target_bytes, target = setup.adapter_bytes, "frac(all)>=0.60 and >=3x ref"
+            met = frac_all >= 0.6 and t_ref / t >= 3.0
+        else:
+            target_bytes, target = setup.adapter_bytes, "frac(adapters)>=0.60 and >=3x ref"
+            met = setup.adapter_bytes / t / copy_bandwidth() >= 0.6 and t_ref / t >= 3.0
+        rows.append(dict(case=("fused " if fused else "") + case.name, kernel="fused" if fused else "split", us=t * 1e6,
+                         shrink_us=None if fused else t_shrink * 1e6, mb=moved / 1e6, gbps=moved / t / 1e9,
+                         frac_all=frac_all, frac_target=target_bytes / t / copy_bandwidth(), ref_us=t_ref * 1e6,
+                         speedup=t_ref / t, vs_split=t_split / t if fused else None,
+                         vllm_us=None if fused else VLLM_US.get(case.name), target=target, met=met,
+                         rel_err=setup.max_error(fused), rotations=setup.rotations))
+    return rows
 
 
 def bench_meta() -> dict:
@@ -339,6 +365,39 @@ def sweep(deadline: float) -> list[dict]:
             record("expand", case.name + label, c,
                    lambda c=c: time_graph([lambda s=s: setup.expand(s, c) for s in setup.sets]))
 
+    def fused_candidates(case, candidates, block_m=None, label=""):
+        """candidates: (block_k, block_n, programs per SM, max_split or None for the default, warps, stages)"""
+        setup = LoraSetup(case, block_m=block_m)
+        meta = setup.sets[0]["meta"]
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        default = tiles.fused_tiles(meta.max_tiles, case.k, max(case.out_sizes), len(case.out_sizes), case.rank, PAGE,
+                                    meta.block_m, sms)
+        configs = [default] + [tiles.FusedTiles(bk, bn, pps * sms, default.max_split if split is None else split, w, st)
+                               for bk, bn, pps, split, w, st in candidates]
+        for c in configs:
+            record("fused", case.name + label, c,
+                   lambda c=c: time_graph([lambda s=s: setup.fused(s, c) for s in setup.sets]))
+
+    # rank 16 (the default is 256 x 256, 2 programs per SM, 4 warps, 4 stages); 512-long pieces need 8 warps
+    # (255 registers, no spill at sm_90), so one program per SM
+    fused_decode = [(256, 128, 2, None, 4, 4), (128, 256, 2, None, 4, 4), (256, 256, 4, None, 4, 4),
+                    (256, 256, 1, None, 4, 4), (256, 256, 2, 1, 4, 4), (256, 256, 2, 2, 4, 4), (256, 256, 4, 64, 4, 4),
+                    (256, 256, 2, None, 8, 4),
+                    (256, 256, 2, None, 4, 3), (256, 256, 2, None, 4, 5), (512, 256, 1, None, 8, 4),
+                    (512, 512, 1, None, 8, 3), (512, 256, 2, None, 8, 4)]
+    for case in (LORA_CASES[1], LORA_CASES[3], LORA_CASES[4], LORA_CASES[6], LORA_CASES[7], LORA_CASES[8],
+                 LORA_CASES[9]):
+        fused_candidates(case, fused_decode)
+    fused_decode_r64 = [(128, 128, 2, None, 4, 3), (256, 128, 2, None, 4, 3), (128, 256, 2, None, 8, 3),
+                        (64, 128, 2, None, 4, 3), (128, 128, 4, None, 4, 3)]
+    fused_candidates(LORA_CASES[5], fused_decode_r64)
+    fused_prefill = [(64, 128, 2, None, 4, 3), (64, 128, 2, 1, 4, 3), (64, 128, 2, 2, 4, 3), (128, 128, 2, None, 4, 3),
+                     (64, 256, 2, None, 8, 3), (64, 128, 4, None, 4, 3), (32, 128, 2, None, 4, 4),
+                     (64, 128, 1, None, 4, 3)]
+    for case in (LORA_CASES[10], LORA_CASES[11]):
+        for block_m in (64, 128):
+            fused_candidates(case, fused_prefill, block_m=block_m, label=f" BLOCK_M={block_m}")
+
     # decode LoRA: (block_k, split_k, warps, stages) and (block_n, chunks per program, warps, stages)
     shrink_decode = [(256, 4, 4, 3), (256, 2, 4, 3), (256, 8, 4, 3), (128, 8, 4, 3), (256, 4, 4, 4), (512, 2, 4, 3),
                      (128, 4, 4, 4), (256, 16, 4, 3)]
@@ -350,7 +409,7 @@ def sweep(deadline: float) -> list[dict]:
         lora_candidates(case, [shrink_tiles(*c, block_r=block_r) for c in shrink_decode],
                         expand_decode if block_r != 64 else [], label=f" R{block_r}")
     # prefill LoRA: BLOCK_M and tiles
-    for case in (LORA_CASES[7], LORA_CASES[8]):
+    for case in (LORA_CASES[10], LORA_CASES[11]):
         br = min(64, case.rank)
         for block_m in (64, 128):
             lora_candidates(case, [shrink_tiles(*c, block_r=br) for c in [(64, 4, 4, 3), (64, 8, 4, 3), (128, 4, 4, 3),
@@ -370,6 +429,7 @@ def main() -> None:
     parser.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_kernels.json"))
     parser.add_argument("--sweep", action="store_true", help="time LoRA tile candidates first")
     parser.add_argument("--sweep-seconds", type=float, default=240.0)
+    parser.add_argument("--sweep-only", action="store_true", help="with --sweep: no table after it")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA device")
@@ -385,27 +445,30 @@ def main() -> None:
         result["sweep"] = sweep(time.time() + args.sweep_seconds)
     jobs = [lambda c=c: bench_lora(c) for c in LORA_CASES] + [bench_meta] + \
            [lambda n=n: bench_decode(n) for n in (512, 1024, 4096)] + [bench_prefill]
+    if args.sweep and args.sweep_only:
+        jobs = []
     for job in jobs:
         try:
-            row = job()
+            rows = job()
         except Exception:
             traceback.print_exc()
             continue
-        result["rows"].append(row)
-        print(row, flush=True)
+        for row in rows if isinstance(rows, list) else [rows]:
+            result["rows"].append(row)
+            print(row, flush=True)
         torch.cuda.empty_cache()
     with open(args.json, "w") as f:
         json.dump(result, f, indent=1)
     print()
     print(header)
-    print("| case | us | MB moved | GB/s | frac all | frac target | torch ref us | speed-up | vLLM us | target | met "
-          "| rel err |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |")
+    print("| case | us | MB moved | GB/s | frac all | frac target | torch ref us | speed-up | x split | vLLM us "
+          "| target | met | rel err |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |")
     for r in result["rows"]:
         print(f"| {r['case']} | {r['us']:.1f} | {fmt(r.get('mb'), '.1f')} | {fmt(r.get('gbps'), '.0f')} | "
               f"{fmt(r.get('frac_all'), '.2f')} | {fmt(r.get('frac_target'), '.2f')} | {fmt(r.get('ref_us'), '.1f')} | "
-              f"{fmt(r.get('speedup'), '.1f')} | {fmt(r.get('vllm_us'), '.1f')} | {r.get('target', '-')} | "
-              f"{r.get('met', '-')} | {fmt(r.get('rel_err'), '.1e')} |")
+              f"{fmt(r.get('speedup'), '.1f')} | {fmt(r.get('vs_split'), '.2f')} | {fmt(r.get('vllm_us'), '.1f')} | "
+              f"{r.get('target', '-')} | {r.get('met', '-')} | {fmt(r.get('rel_err'), '.1e')} |")
 
 
 if __name__ == "__main__":

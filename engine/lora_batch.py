@@ -96,6 +96,9 @@ class LoRABatch:
         meta = self.groups.get(group)
         if meta is None:
             return
+        if ops.fuses_lora(self.kernel_meta):  # one launch, no z buffer
+            ops.lora_fused(x, pool, layer, self, meta, y)
+            return
         z = self._z.get(group)
         if z is None:  # [T, NPROJ, R_MAX] float32
             z = self._z[group] = torch.empty(x.shape[0], len(meta.out_sizes), meta.max_rank, dtype=torch.float32,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from kernels import reference, tiles
 
 if TYPE_CHECKING:
     from engine.lora_batch import GroupMeta, LoRABatch
@@ -31,8 +31,9 @@ class Ops:
         self.use_kernels = use_kernels
         self._elementwise = reference  # the element-wise ops: these twins or kernels.elementwise (same API)
         if use_kernels:  # Triton modules are imported only when used (CPU runs stay Triton-free)
-            from kernels import elementwise, lora_expand, lora_meta, lora_shrink, paged_attention
+            from kernels import elementwise, lora_expand, lora_fused, lora_meta, lora_shrink, paged_attention
             self._shrink, self._expand = lora_shrink.lora_shrink, lora_expand.lora_expand
+            self._fused = lora_fused.lora_fused
             self._attention, self._meta = paged_attention.attention, lora_meta.LoRAStepMeta
             self._elementwise = elementwise
 
@@ -67,6 +68,18 @@ class Ops:
     def lora_meta(self, token_slots: torch.Tensor, num_slots: int):
         """Per-step metadata of the LoRA kernels (None for the references)."""
         return self._meta.build(token_slots, num_slots) if self.use_kernels else None
+
+    def fuses_lora(self, kernel_meta) -> bool:
+        """Whether this step's LoRA runs as one lora_fused launch per projection group (the kernels,
+        for the tile classes kernels/tiles.py sends there) rather than lora_shrink + lora_expand."""
+        return self.use_kernels and tiles.lora_fused(kernel_meta.block_m)
+
+    def lora_fused(self, x: torch.Tensor, pool: torch.Tensor, layer: int, lora: "LoRABatch", group: "GroupMeta",
+                   y: torch.Tensor) -> None:
+        """y[t, off_p:off_p+N_p] += scale_p (x[t] A_p^T) B_p^T through the page tables, in one launch
+        (z stays on chip). x: [T, K]; y: [T, N_total] the fused projection's output."""
+        self._fused(x, pool, layer, lora.token_slots, lora.page_tables, group.ranks, group.a_offsets, group.b_offsets,
+                    group.scales, y, group.out_offsets, group.out_sizes, group.max_rank, meta=lora.kernel_meta)
 
     def lora_shrink(self, x: torch.Tensor, pool: torch.Tensor, layer: int, lora: "LoRABatch", group: "GroupMeta",
                     z: torch.Tensor) -> None:

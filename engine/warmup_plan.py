@@ -5,7 +5,8 @@ A kernel binary is keyed by its constexprs (all chosen by kernels/tiles.py) and 
 its specialized integer arguments; the arguments that vary from step to step are not specialized
 (docs/KERNELS.md, compile keys). So a step reaches a new binary only through:
 - the LoRA tile class of its token count (``tiles.lora_block_m``) and, per projection group, the
-  rank's tile class (BLOCK_R of shrink and expand): every pair is run, one rank per class;
+  rank's tile class (BLOCK_R and the tiles of shrink, expand and fused): every pair is run, one
+  rank per class;
 - decode attention run eagerly (no graphs, or more sequences than the largest bucket), whose
   split count follows the batch size and the longest context.
 Decode graphs add captures rather than binaries: one per batch bucket and set of projection
@@ -114,9 +115,13 @@ def rank_classes(shape: EngineShape) -> list[int]:
                                             shape.on_gpu)
                 expand = tiles.expand_tiles(1, max_n, num_proj, shape.page_size, block_m, shape.num_sms,
                                             shape.on_gpu)
-                # split_k and chunks_per_program are run-time arguments of the kernels
+                fused = tiles.fused_tiles(1, k, max_n, num_proj, rank, shape.page_size, block_m, shape.num_sms,
+                                          shape.on_gpu)
+                # split_k, chunks_per_program and max_split are run-time arguments of the kernels,
+                # num_programs the fused kernel's grid
                 key.append((dataclasses.replace(shrink, split_k=0),
-                            dataclasses.replace(expand, chunks_per_program=0)))
+                            dataclasses.replace(expand, chunks_per_program=0),
+                            dataclasses.replace(fused, num_programs=0, max_split=0)))
         key = tuple(key)
         if key not in seen:
             seen.add(key)

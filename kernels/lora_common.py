@@ -1,4 +1,5 @@
-"""What lora_shrink and lora_expand share: reading adapter rows through page tables, argument checks.
+"""What the LoRA kernels share: reading adapter rows through page tables, the shrink and expand
+loops (lora_shrink and lora_expand run one each, lora_fused both), argument checks.
 
 An adapter in slot s owns pages page_tables[s, :]; element v of its virtual space in layer l is
 pool[page_tables[s, v // PAGE], l, v % PAGE]. A run of at most PAGE consecutive virtual elements
@@ -69,6 +70,61 @@ def piece_offsets(in_page, first, second, page_table_ptr, num_pages, row_start, 
     return row_offsets(piece_in_page, piece_first, piece_second, 0, layer_offset, PAGE, BLOCK, VEC)
 
 
+@triton.jit
+def shrink_k_loop(acc, x_ptr, pool_ptr, tok, m_mask, x_stride_t, page_table_ptr, num_pages, row_start,
+                  row_mask, page_stride, layer_offset, K, k_lo, k_hi,
+                  PAGE: tl.constexpr, VEC: tl.constexpr, BLOCK_K: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_R] += x[tok, k_lo:k_hi] A[rows, k_lo:k_hi]^T: tok [BLOCK_M] token rows of x
+    (m_mask), row_start [BLOCK_R] virtual starts of A's rows in the slot's pages (row_mask)."""
+    if ROW_IN_TWO_PAGES:  # page ids once per A row; the loop's loads then depend on no other load
+        in_page, first, second = row_pages(page_table_ptr, num_pages, row_start, K, row_mask, page_stride, PAGE)
+    else:  # gathered per piece in the loop (piece_offsets)
+        in_page, first, second = row_start, row_start, row_start
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + tok[:, None] * x_stride_t + offs_k[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        a_offs = piece_offsets(in_page, first, second, page_table_ptr, num_pages, row_start, row_mask, page_stride,
+                               k0, layer_offset, PAGE, BLOCK_K, VEC, ROW_IN_TWO_PAGES)
+        a = tl.load(pool_ptr + a_offs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
+        acc += tl.dot(x, tl.trans(a), input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
+                  n_lo, n_hi, scale, page_stride, layer_offset,
+                  PAGE: tl.constexpr, VEC: tl.constexpr, BLOCK_N: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """y[rows, n_lo:n_hi] += scale * zt B^T[:, n_lo:n_hi]: zt [BLOCK_M, BLOCK_R] in the pool's dtype,
+    y_rows [BLOCK_M] offsets of the tokens' first output column (m_mask), row_start [BLOCK_R]
+    virtual starts of B^T's rows (r_mask), each n_size long."""
+    if ROW_IN_TWO_PAGES:  # page ids once per B^T row; the loop's loads then depend on no other load
+        in_page, first, second = row_pages(page_table_ptr, num_pages, row_start, n_size, r_mask, page_stride, PAGE)
+    else:  # gathered per piece in the loop (piece_offsets)
+        in_page, first, second = row_start, row_start, row_start
+    cols = tl.arange(0, BLOCK_N)
+    y_row_ptrs = y_ptr + y_rows[:, None]  # [BLOCK_M, 1]
+    # y is read one step ahead (the pipeliner stages only the dot's operands), so its latency overlaps
+    y_next = tl.load(y_row_ptrs + (n_lo + cols)[None, :], mask=m_mask[:, None] & ((n_lo + cols) < n_size)[None, :],
+                     other=0.0)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + cols
+        n_mask = offs_n < n_size  # a chunk passes n_hi only at the end of the row
+        y = y_next
+        next_n = offs_n + BLOCK_N
+        next_mask = (next_n < n_size) & (next_n < n_hi)  # n_hi is a multiple of BLOCK_N from n_lo, or n_size
+        y_next = tl.load(y_row_ptrs + next_n[None, :], mask=m_mask[:, None] & next_mask[None, :], other=0.0)
+        b_offs = piece_offsets(in_page, first, second, page_table_ptr, num_pages, row_start, r_mask, page_stride,
+                               n0, layer_offset, PAGE, BLOCK_N, VEC, ROW_IN_TWO_PAGES)
+        b = tl.load(pool_ptr + b_offs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+        acc = tl.dot(zt, b, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        tl.store(y_row_ptrs + offs_n[None, :], (y.to(tl.float32) + acc * scale).to(y.dtype),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
+
 def step_meta(meta: LoRAStepMeta | None, token_slots: torch.Tensor, num_slots: int) -> LoRAStepMeta:
     """The step's LoRAStepMeta (built here if the caller has none), checked against its tables."""
     if meta is None:
@@ -92,9 +148,10 @@ def vec_width(*sizes: int) -> int:
 
 
 def check_lora_args(name: str, pool: torch.Tensor, layer: int, token_slots: torch.Tensor,
-                    page_tables: torch.Tensor, ranks: torch.Tensor, offsets: torch.Tensor,
-                    offsets_name: str, z: torch.Tensor, num_tokens: int) -> None:
-    """Checks shared by both launchers; raises ValueError naming the argument."""
+                    page_tables: torch.Tensor, ranks: torch.Tensor, offsets: dict[str, torch.Tensor],
+                    num_tokens: int, num_proj: int) -> None:
+    """Checks shared by the launchers (offsets: a_offsets and/or b_offsets by name); raises
+    ValueError naming the argument."""
     def fail(msg: str) -> None:
         raise ValueError(f"{name}: {msg}")
 
@@ -112,17 +169,42 @@ def check_lora_args(name: str, pool: torch.Tensor, layer: int, token_slots: torc
     if page_tables.dtype != torch.int32 or page_tables.dim() != 2 or not page_tables.is_contiguous():
         fail(f"page_tables must be a contiguous int32 [NS, MP] tensor, got {page_tables.dtype} "
              f"{tuple(page_tables.shape)}")
-    num_slots, num_proj = page_tables.shape[0], z.shape[1]
+    num_slots = page_tables.shape[0]
     if ranks.dtype != torch.int32 or ranks.shape != (num_slots, num_proj) or not ranks.is_contiguous():
         fail(f"ranks must be a contiguous int32 [{num_slots}, {num_proj}] tensor, got {ranks.dtype} "
              f"{tuple(ranks.shape)}")
-    if offsets.dtype != torch.int64 or offsets.shape != (num_slots, num_proj) or not offsets.is_contiguous():
-        fail(f"{offsets_name} must be a contiguous int64 [{num_slots}, {num_proj}] tensor, got "
-             f"{offsets.dtype} {tuple(offsets.shape)}")
-    if z.dtype != torch.float32 or z.dim() != 3 or z.shape[0] != num_tokens or not z.is_contiguous():
-        fail(f"z must be a contiguous float32 [{num_tokens}, NPROJ, R_MAX] tensor, got {z.dtype} "
-             f"{tuple(z.shape)}")
-    for arg, t in (("token_slots", token_slots), ("page_tables", page_tables), ("ranks", ranks),
-                   (offsets_name, offsets), ("z", z)):
+    for offsets_name, t in offsets.items():
+        if t.dtype != torch.int64 or t.shape != (num_slots, num_proj) or not t.is_contiguous():
+            fail(f"{offsets_name} must be a contiguous int64 [{num_slots}, {num_proj}] tensor, got "
+                 f"{t.dtype} {tuple(t.shape)}")
+    for arg, t in (("token_slots", token_slots), ("page_tables", page_tables), ("ranks", ranks), *offsets.items()):
         if t.device != pool.device:
             fail(f"{arg} is on {t.device} but pool is on {pool.device}")
+
+
+def check_z(name: str, z: torch.Tensor, num_tokens: int, device: torch.device) -> None:
+    if z.dtype != torch.float32 or z.dim() != 3 or z.shape[0] != num_tokens or not z.is_contiguous():
+        raise ValueError(f"{name}: z must be a contiguous float32 [{num_tokens}, NPROJ, R_MAX] tensor, got {z.dtype} "
+                         f"{tuple(z.shape)}")
+    if z.device != device:
+        raise ValueError(f"{name}: z is on {z.device} but pool is on {device}")
+
+
+def check_output(name: str, y: torch.Tensor, pool: torch.Tensor, scales: torch.Tensor, num_slots: int,
+                 num_proj: int, out_offsets: list[int], out_sizes: list[int]) -> None:
+    """y [T, N_total] and where the projections' outputs sit in it; scales [NS, NPROJ] float32."""
+    if y.dim() != 2 or y.stride(1) != 1:
+        raise ValueError(f"{name}: y must be [T, N] with unit stride along N, got shape {tuple(y.shape)} "
+                         f"strides {y.stride()}")
+    if scales.dtype != torch.float32 or scales.shape != (num_slots, num_proj) or not scales.is_contiguous():
+        raise ValueError(f"{name}: scales must be a contiguous float32 [{num_slots}, {num_proj}] tensor, "
+                         f"got {scales.dtype} {tuple(scales.shape)}")
+    if y.dtype != pool.dtype or y.device != pool.device or scales.device != pool.device:
+        raise ValueError(f"{name}: y is {y.dtype} on {y.device}, scales on {scales.device}, "
+                         f"pool is {pool.dtype} on {pool.device}")
+    if len(out_offsets) != num_proj or len(out_sizes) != num_proj:
+        raise ValueError(f"{name}: out_offsets and out_sizes need {num_proj} entries, got "
+                         f"{len(out_offsets)} and {len(out_sizes)}")
+    for off, n in zip(out_offsets, out_sizes):
+        if n <= 0 or off < 0 or off + n > y.shape[1]:
+            raise ValueError(f"{name}: projection at y[:, {off}:{off + n}] does not fit y of {y.shape[1]} columns")

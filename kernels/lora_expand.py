@@ -12,40 +12,11 @@ import triton
 import triton.language as tl
 
 from kernels import tiles
-from kernels.lora_common import check_lora_args, piece_offsets, row_pages, sm_count, step_meta, vec_width
+from kernels.lora_common import check_lora_args, check_output, check_z, expand_n_loop, sm_count, step_meta, vec_width
 from kernels.lora_meta import LoRAStepMeta
 
 # projections per launch; the launcher splits larger groups
 MAX_PROJ = 4
-
-
-@triton.jit
-def _expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
-                   n_lo, n_hi, scale, page_stride, layer_offset,
-                   PAGE: tl.constexpr, VEC: tl.constexpr, BLOCK_N: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
-    if ROW_IN_TWO_PAGES:  # page ids once per B^T row; the loop's loads then depend on no other load
-        in_page, first, second = row_pages(page_table_ptr, num_pages, row_start, n_size, r_mask, page_stride, PAGE)
-    else:  # gathered per piece in the loop (piece_offsets)
-        in_page, first, second = row_start, row_start, row_start
-    cols = tl.arange(0, BLOCK_N)
-    y_row_ptrs = y_ptr + y_rows[:, None]  # [BLOCK_M, 1]
-    # y is read one step ahead (the pipeliner stages only the dot's operands), so its latency overlaps
-    y_next = tl.load(y_row_ptrs + (n_lo + cols)[None, :], mask=m_mask[:, None] & ((n_lo + cols) < n_size)[None, :],
-                     other=0.0)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n0 + cols
-        n_mask = offs_n < n_size  # a chunk passes n_hi only at the end of the row
-        y = y_next
-        next_n = offs_n + BLOCK_N
-        next_mask = (next_n < n_size) & (next_n < n_hi)  # n_hi is a multiple of BLOCK_N from n_lo, or n_size
-        y_next = tl.load(y_row_ptrs + next_n[None, :], mask=m_mask[:, None] & next_mask[None, :], other=0.0)
-        b_offs = piece_offsets(in_page, first, second, page_table_ptr, num_pages, row_start, r_mask, page_stride,
-                               n0, layer_offset, PAGE, BLOCK_N, VEC, ROW_IN_TWO_PAGES)
-        b = tl.load(pool_ptr + b_offs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-        acc = tl.dot(zt, b, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        tl.store(y_row_ptrs + offs_n[None, :], (y.to(tl.float32) + acc * scale).to(y.dtype),
-                 mask=m_mask[:, None] & n_mask[None, :])
 
 
 # Arguments that vary from step to step are not specialized (kernels/tiles.py: compile keys), so
@@ -90,13 +61,13 @@ def _lora_expand_kernel(
     page_table_ptr = page_tables_ptr + slot * pt_stride_s
     y_rows = tok * y_stride_t + y_offset  # [BLOCK_M]
     if b_offset % VEC == 0:  # 16-byte loads need the adapter's rows aligned, checked per slot
-        _expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
-                       n_lo, n_hi, scale, page_stride, layer_offset,
-                       PAGE, VEC, BLOCK_N, ROW_IN_TWO_PAGES, DOT_PRECISION)
+        expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
+                      n_lo, n_hi, scale, page_stride, layer_offset,
+                      PAGE, VEC, BLOCK_N, ROW_IN_TWO_PAGES, DOT_PRECISION)
     else:
-        _expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
-                       n_lo, n_hi, scale, page_stride, layer_offset,
-                       PAGE, 1, BLOCK_N, ROW_IN_TWO_PAGES, DOT_PRECISION)
+        expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
+                      n_lo, n_hi, scale, page_stride, layer_offset,
+                      PAGE, 1, BLOCK_N, ROW_IN_TWO_PAGES, DOT_PRECISION)
 
 
 def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: torch.Tensor,
@@ -118,26 +89,13 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     meta: the step's LoRAStepMeta (built here when None; build it once per step instead)
     config: tile override (tests, benchmarks); default from kernels.tiles
     """
-    if y.dim() != 2 or y.stride(1) != 1:
-        raise ValueError(f"lora_expand: y must be [T, N] with unit stride along N, got shape {tuple(y.shape)} "
-                         f"strides {y.stride()}")
-    num_tokens, n_total = y.shape
-    check_lora_args("lora_expand", pool, layer, token_slots, page_tables, ranks, b_offsets, "b_offsets",
-                    z, num_tokens)
+    num_tokens = y.shape[0]
+    check_z("lora_expand", z, num_tokens, pool.device)
     num_slots, num_pages = page_tables.shape
     num_proj, r_max = z.shape[1], z.shape[2]
-    if scales.dtype != torch.float32 or scales.shape != (num_slots, num_proj) or not scales.is_contiguous():
-        raise ValueError(f"lora_expand: scales must be a contiguous float32 [{num_slots}, {num_proj}] tensor, "
-                         f"got {scales.dtype} {tuple(scales.shape)}")
-    if y.dtype != pool.dtype or y.device != pool.device or scales.device != pool.device:
-        raise ValueError(f"lora_expand: y is {y.dtype} on {y.device}, scales on {scales.device}, "
-                         f"pool is {pool.dtype} on {pool.device}")
-    if len(out_offsets) != num_proj or len(out_sizes) != num_proj:
-        raise ValueError(f"lora_expand: out_offsets and out_sizes need {num_proj} entries (z.shape[1]), got "
-                         f"{len(out_offsets)} and {len(out_sizes)}")
-    for off, n in zip(out_offsets, out_sizes):
-        if n <= 0 or off < 0 or off + n > n_total:
-            raise ValueError(f"lora_expand: projection at y[:, {off}:{off + n}] does not fit y of {n_total} columns")
+    check_lora_args("lora_expand", pool, layer, token_slots, page_tables, ranks, {"b_offsets": b_offsets},
+                    num_tokens, num_proj)
+    check_output("lora_expand", y, pool, scales, num_slots, num_proj, out_offsets, out_sizes)
     if r_max > tiles.MAX_RANK:
         raise ValueError(f"lora_expand: R_MAX = {r_max} > {tiles.MAX_RANK} is not supported")
     if num_tokens == 0:

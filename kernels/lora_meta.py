@@ -24,6 +24,7 @@ class LoRAStepMeta:
     tile_starts: torch.Tensor  # [max_tiles] int32, first position of the tile in sorted_token_ids
     tile_lens: torch.Tensor  # [max_tiles] int32, tokens in the tile (0: unused tile)
     tile_slots: torch.Tensor  # [max_tiles] int32, the tile's adapter slot (-1: no adapter)
+    num_lora_tiles: torch.Tensor  # [1] int32, tiles with an adapter: they come first (lora_fused visits only these)
 
     @classmethod
     def build(cls, token_slots: torch.Tensor, num_slots: int, block_m: int | None = None) -> "LoRAStepMeta":
@@ -39,7 +40,8 @@ class LoRAStepMeta:
         max_tiles = tiles.cdiv(num_tokens, block_m) + min(num_tokens, num_slots + 1)
         if num_tokens == 0:
             empty = torch.zeros(0, dtype=torch.int32, device=device)
-            return cls(0, num_slots, block_m, 0, empty, empty, empty, empty)
+            return cls(0, num_slots, block_m, 0, empty, empty, empty, empty,
+                       torch.zeros(1, dtype=torch.int32, device=device))
 
         key = torch.where(token_slots < 0, num_slots, token_slots.long())  # [T]; no adapter sorts last
         sorted_key, order = torch.sort(key, stable=True)
@@ -56,8 +58,9 @@ class LoRAStepMeta:
         tile_lens.scatter_add_(0, tile_id, torch.ones(num_tokens, dtype=torch.int32, device=device))
         tile_slots = torch.full((max_tiles,), -1, dtype=torch.int64, device=device)
         tile_slots.scatter_(0, tile_id, torch.where(sorted_key == num_slots, -1, sorted_key))
+        num_lora_tiles = (tile_slots >= 0).sum(dtype=torch.int32).reshape(1)
         return cls(num_tokens, num_slots, block_m, max_tiles, order.to(torch.int32),
-                   tile_starts[:max_tiles].to(torch.int32), tile_lens, tile_slots.to(torch.int32))
+                   tile_starts[:max_tiles].to(torch.int32), tile_lens, tile_slots.to(torch.int32), num_lora_tiles)
 
     def check(self, token_slots: torch.Tensor, num_slots: int) -> None:
         if self.num_tokens != token_slots.numel() or self.num_slots != num_slots:

@@ -11,29 +11,8 @@ import triton
 import triton.language as tl
 
 from kernels import tiles
-from kernels.lora_common import check_lora_args, piece_offsets, row_pages, sm_count, step_meta, vec_width
+from kernels.lora_common import check_lora_args, check_z, shrink_k_loop, sm_count, step_meta, vec_width
 from kernels.lora_meta import LoRAStepMeta
-
-
-@triton.jit
-def _shrink_k_loop(acc, x_ptr, pool_ptr, tok, m_mask, x_stride_t, page_table_ptr, num_pages, row_start,
-                   row_mask, page_stride, layer_offset, K, k_lo, k_hi,
-                   PAGE: tl.constexpr, VEC: tl.constexpr, BLOCK_K: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
-    if ROW_IN_TWO_PAGES:  # page ids once per A row; the loop's loads then depend on no other load
-        in_page, first, second = row_pages(page_table_ptr, num_pages, row_start, K, row_mask, page_stride, PAGE)
-    else:  # gathered per piece in the loop (piece_offsets)
-        in_page, first, second = row_start, row_start, row_start
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x = tl.load(x_ptr + tok[:, None] * x_stride_t + offs_k[None, :],
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        a_offs = piece_offsets(in_page, first, second, page_table_ptr, num_pages, row_start, row_mask, page_stride,
-                               k0, layer_offset, PAGE, BLOCK_K, VEC, ROW_IN_TWO_PAGES)
-        a = tl.load(pool_ptr + a_offs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_K]
-        acc += tl.dot(x, tl.trans(a), input_precision=DOT_PRECISION)
-    return acc
 
 
 # Arguments that vary from step to step are not specialized (kernels/tiles.py: compile keys), so
@@ -78,13 +57,13 @@ def _lora_shrink_kernel(
     page_table_ptr = page_tables_ptr + slot * pt_stride_s
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if a_offset % VEC == 0:  # 16-byte loads need the adapter's rows aligned, checked per slot
-        acc = _shrink_k_loop(acc, x_ptr, pool_ptr, tok, m_mask, x_stride_t, page_table_ptr, num_pages,
-                             row_start, row_mask, page_stride, layer_offset, K, k_lo, k_hi,
-                             PAGE, VEC, BLOCK_K, ROW_IN_TWO_PAGES, DOT_PRECISION)
+        acc = shrink_k_loop(acc, x_ptr, pool_ptr, tok, m_mask, x_stride_t, page_table_ptr, num_pages,
+                            row_start, row_mask, page_stride, layer_offset, K, k_lo, k_hi,
+                            PAGE, VEC, BLOCK_K, ROW_IN_TWO_PAGES, DOT_PRECISION)
     else:
-        acc = _shrink_k_loop(acc, x_ptr, pool_ptr, tok, m_mask, x_stride_t, page_table_ptr, num_pages,
-                             row_start, row_mask, page_stride, layer_offset, K, k_lo, k_hi,
-                             PAGE, 1, BLOCK_K, ROW_IN_TWO_PAGES, DOT_PRECISION)
+        acc = shrink_k_loop(acc, x_ptr, pool_ptr, tok, m_mask, x_stride_t, page_table_ptr, num_pages,
+                            row_start, row_mask, page_stride, layer_offset, K, k_lo, k_hi,
+                            PAGE, 1, BLOCK_K, ROW_IN_TWO_PAGES, DOT_PRECISION)
 
     z_ptrs = z_ptr + tok[:, None] * z_stride_t + proj * z_stride_p + offs_r[None, :]
     z_mask = m_mask[:, None] & (offs_r[None, :] < R_MAX)
@@ -117,8 +96,9 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
         raise ValueError(f"lora_shrink: x must be [T, K] with unit stride along K, got shape "
                          f"{tuple(x.shape)} strides {x.stride()}")
     num_tokens, k = x.shape
-    check_lora_args("lora_shrink", pool, layer, token_slots, page_tables, ranks, a_offsets, "a_offsets",
-                    z, num_tokens)
+    check_z("lora_shrink", z, num_tokens, pool.device)
+    check_lora_args("lora_shrink", pool, layer, token_slots, page_tables, ranks, {"a_offsets": a_offsets},
+                    num_tokens, z.shape[1])
     if x.dtype != pool.dtype or x.device != pool.device:
         raise ValueError(f"lora_shrink: x is {x.dtype} on {x.device}, pool is {pool.dtype} on {pool.device}")
     if num_tokens == 0:

@@ -197,3 +197,14 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
             bt = read_paged(pool, layer, page_tables[slot], int(b_offsets[slot, p]), r * n).view(r, n)
             delta = (z[tokens, p, :r] @ bt.float()) * float(scales[slot, p])
             y[tokens, off:off + n] += delta.to(y.dtype)
+
+
+def lora_fused(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: torch.Tensor,
+               page_tables: torch.Tensor, ranks: torch.Tensor, a_offsets: torch.Tensor, b_offsets: torch.Tensor,
+               scales: torch.Tensor, y: torch.Tensor, out_offsets: list[int], out_sizes: list[int],
+               max_rank: int) -> None:
+    """y[t, off_p : off_p + N_p] += scale_p * (x[t] A_p^T) B_p^T, in place: lora_shrink into a float32
+    z [T, NPROJ, max_rank], then lora_expand (the kernel keeps z on chip). Arguments as there."""
+    z = torch.zeros(x.shape[0], len(out_sizes), max_rank, dtype=torch.float32, device=x.device)
+    lora_shrink(x, pool, layer, token_slots, page_tables, ranks, a_offsets, z)
+    lora_expand(z, pool, layer, token_slots, page_tables, ranks, b_offsets, scales, y, out_offsets, out_sizes)

@@ -9,8 +9,9 @@ warm-up (engine/warmup_plan.py) runs one step per choice a step can get. It vari
 count (lora_block_m), the rank (the BLOCK_R of shrink_tiles and expand_block_r) and, for
 decode attention, the batch size and context; the other arguments it passes are fixed for a
 model. A new choice must depend on the step only through those, or reach the kernel as a
-run-time argument whose Triton class cannot change: split_k is not specialized, and expand's
-cols_per_program (block_n x chunks_per_program) is always a multiple of 16.
+run-time argument whose Triton class cannot change: split_k and the fused kernel's max_split are
+not specialized, expand's cols_per_program (block_n x chunks_per_program) is always a multiple of
+16, and the fused kernel's num_programs is its grid, not an argument.
 """
 from __future__ import annotations
 
@@ -49,6 +50,19 @@ class ExpandTiles:
     chunks_per_program: int  # loop steps per program: a program owns block_n * chunks_per_program columns
     num_warps: int
     num_stages: int
+
+
+@dataclass(frozen=True)
+class FusedTiles:
+    block_k: int  # elements of K per shrink step (<= PAGE when A's rows are longer than a page)
+    block_n: int  # output columns per expand step (<= PAGE when B^T's rows are longer than a page)
+    num_programs: int  # the grid: its programs share the step's (tile, projection, column range) items
+    max_split: int  # most column ranges per (tile, projection); each range re-reads x's tile rows and A_p
+    num_warps: int
+    num_stages: int
+    # pieces of the path that ranks <= 16 take when BLOCK_R > 16 (the BLOCK_R 16 binary ignores them)
+    small_block_k: int = MIN_DOT
+    small_block_n: int = MIN_DOT
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,59 @@ def expand_tiles(max_tiles: int, max_n: int, num_proj: int, page_size: int, bloc
     blocks = max_tiles * num_proj * cdiv(max_n, block_n)
     chunks = max(1, min(8, blocks // (6 * num_sms)))
     return ExpandTiles(block_n, chunks, 4, 3)
+
+
+def lora_fused(block_m: int) -> bool:
+    """Whether steps of this LoRA tile class (lora_block_m) run each projection group's LoRA as one
+    lora_fused launch (z on chip) rather than lora_shrink + lora_expand through a z buffer in memory.
+    Measured on the H200 (bench/engine.py, docs/BENCHMARKS.md "LoRA kernels on the H200"):
+    - prefill (BLOCK_M 64): fused, 2,048 tokens over 16 rank-16 all-linear adapters at 0.81 of the
+      LoRA-off tokens/s against 0.75 with the split pair;
+    - decode (BLOCK_M 16): split. Each fused program reads its tile's whole A (r x K) before its
+      first output, where the split shrink spreads K over split_k programs: batch 1 with one rank-16
+      all-linear adapter took 7.32 ms fused against 5.79 ms split (LoRA off 4.32 ms).
+    The warm-up runs one step per token class, so this choice may depend on block_m only."""
+    return block_m >= 64
+
+
+def fused_tiles(max_tiles: int, k: int, max_n: int, num_proj: int, max_rank: int, page_size: int, block_m: int,
+                num_sms: int, on_gpu: bool = True) -> FusedTiles:
+    """Tiles of lora_fused for a launch of ``num_proj`` (<= 4) projections of K inputs and at most
+    ``max_n`` outputs each; BLOCK_R is expand_block_r(max_rank) (the whole rank in one tile).
+
+    The step's tiles with an adapter are counted on the device, where the kernel splits each
+    (tile, projection)'s columns into as many ranges as fill its num_programs programs, up to
+    max_split. The bound keeps the re-reads in check: each range reads the tile's x rows and A_p
+    (r x K) again (from L2 when the programs of one tile run together, as the grid orders them),
+    so a range keeps at least K / ratio columns of B^T (r x N_p / max_split)."""
+    block_r = expand_block_r(max_rank)
+    if not on_gpu:
+        block_k = _paged_block(32, page_size) if k > page_size else 32
+        block_n = MIN_DOT  # small shapes still get several column ranges per (tile, projection)
+        return FusedTiles(block_k, block_n, 16, 3, 1, 1, small_block_k=MIN_DOT, small_block_n=32)
+    # (block_k, block_n, warps) per BLOCK_R: the largest pieces whose sm_90 binary (Triton 3.9,
+    # compiled on the CPU machine) spills no registers; e.g. decode rank 32 at 256 x 128 spills,
+    # prefill rank 16 at 64 x 128 spills 1 kB a thread (as lora_expand's BLOCK_M 64 binary does),
+    # and at 64 x 64 with 4 warps 16 bytes for q,k,v
+    if block_m >= 64:  # prefill: full x tiles; y's bytes dominate
+        shapes = {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (64, 64, 8)}
+        block_k, block_n, num_warps = shapes.get(block_r, (32, 32, 8))
+        ratio, num_stages = 2, 3
+    else:  # decode: few tokens per tile; long A and B^T pieces per step keep more bytes in flight
+        shapes = {16: (256, 256, 4), 32: (128, 128, 4), 64: (128, 128, 8), 128: (64, 64, 8)}
+        block_k, block_n, num_warps = shapes.get(block_r, (32, 32, 8))
+        # a stage more than the split kernels where it fits: the same registers, more bytes in
+        # flight; from BLOCK_R 64 a float32 pool's 4 stages would pass an SM's 227 kB
+        ratio, num_stages = 4, 4 if block_r <= 32 else 3
+    small_block_k, small_block_n, _ = shapes[16]
+    if k > page_size:
+        block_k, small_block_k = _paged_block(block_k, page_size), _paged_block(small_block_k, page_size)
+    if max_n > page_size:
+        block_n, small_block_n = _paged_block(block_n, page_size), _paged_block(small_block_n, page_size)
+    col_block = max(block_n, small_block_n)
+    max_split = max(1, min(cdiv(max_n, col_block), cdiv(ratio * max_n, k)))
+    num_programs = max(1, min(2 * num_sms, max_tiles * min(num_proj, 4) * max_split))  # ~2 programs per SM
+    return FusedTiles(block_k, block_n, num_programs, max_split, num_warps, num_stages, small_block_k, small_block_n)
 
 
 def decode_attention_tiles(num_seqs: int, num_kv_heads: int, max_context: int, head_dim: int,

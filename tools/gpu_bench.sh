@@ -14,6 +14,8 @@
 #                                # bench/engine.py at batch 1, 32, 64, 256, bench/kernels.py
 #   tools/gpu_bench.sh upload    # bench/upload.py: a 7B rank-16 all-linear adapter (80 MB) uploaded through
 #                                # Triton until its first token (target <= 1 s); carry .whl
+#   tools/gpu_bench.sh kernels   # the LoRA kernel tests compiled (every dtype, real shapes), bench/kernels.py
+#   tools/gpu_bench.sh sweep     # bench/kernels.py --sweep: lora_fused (then shrink, expand) tile candidates
 #
 # Each step has its own time limit, so one that hangs does not take the others' time.
 set -uo pipefail
@@ -39,6 +41,15 @@ case "${1:-}" in
         step 90 profile32_lora python tools/profile_step.py --batch 32 --lora mixed
         step 300 engine python bench/engine.py --json "$OUT/bench_engine_h100.json"
         step 120 peers python bench/peers.py --adapters 16 --json "$OUT/bench_peers_h100.json"
+        ;;
+    kernels)
+        step 300 gpu_lora_tests python -m pytest -q tests/kernels/test_lora.py tests/kernels/test_lora_fused.py \
+            tests/kernels/test_bench_lora.py -p no:cacheprovider
+        step 280 kernels python bench/kernels.py --json "$OUT/bench_kernels_h200.json"
+        ;;
+    sweep)
+        step 580 kernels_sweep python bench/kernels.py --sweep --sweep-only --sweep-seconds 480 \
+            --json "$OUT/bench_kernels_sweep_h200.json"
         ;;
     serving)
         tools/gpu_triton_setup.sh install /tmp/multilora-venv > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
@@ -94,7 +105,7 @@ case "${1:-}" in
         step 540 upload /tmp/multilora-venv/bin/python bench/upload.py --runs 5 --server-log "$OUT/tritonserver_upload.log"
         ;;
     *)
-        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart|lora|upload" >&2
+        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart|lora|upload|kernels|sweep" >&2
         exit 2
         ;;
 esac

@@ -79,11 +79,12 @@ def test_tensor_parallel_matches_tp1_and_peft(models, kind, size, fully_sharded)
         engine.pages.check_invariants()
         # the page manager of rank 0 decided for all ranks: each rank holds its own shard of every
         # resident adapter at the same page ids
-        resident = engine.pages.resident_adapters()
-        assert resident and set(resident) <= set(ADAPTERS)  # (a small pool evicts some)
-        for name in resident:
-            packed = engine.lora.get(name)
-            per_rank = engine.runner.pool_pages(engine.pages.adapter_pages(name))
+        versions = {packed.key: (name, packed) for name, _, packed, _ in engine.lora.entries() if packed is not None}
+        resident = engine.pages.resident_adapters()  # versions, by digest
+        assert resident and {versions[key][0] for key in resident} <= set(ADAPTERS)  # (a small pool evicts some)
+        for key in resident:
+            name, packed = versions[key]
+            per_rank = engine.runner.pool_pages(engine.pages.adapter_pages(key))
             assert len(per_rank) == size
             for rank, pages in enumerate(per_rank):
                 stored = pages.transpose(0, 1).reshape(packed.data.shape[1], -1)  # [L, n * PAGE]

@@ -65,9 +65,10 @@ def test_preemption_aborts_and_eviction_under_tp2(model):
         assert not engine.seqs and not engine.scheduler.has_work()
         assert not engine.lora._refs, "adapter references left with no request"
         # every rank's pool: its shard of each resident adapter, at the same page ids
-        for name in engine.pages.resident_adapters():
-            packed = engine.lora.get(name)
-            for rank, pages in enumerate(engine.runner.pool_pages(engine.pages.adapter_pages(name))):
+        versions = {packed.key: packed for _, _, packed, _ in engine.lora.entries() if packed is not None}
+        for key in engine.pages.resident_adapters():  # the pool knows versions by their digest
+            packed = versions[key]
+            for rank, pages in enumerate(engine.runner.pool_pages(engine.pages.adapter_pages(key))):
                 assert torch.equal(pages.transpose(0, 1).reshape(packed.data.shape[1], -1), packed.data[rank])
     finally:
         engine.runner.close()

@@ -128,6 +128,7 @@ def test_a_warm_up_needs_an_idle_engine():
 
 # --- coverage: compile keys of the warm-up against those of random traffic ------------------------
 KERNELS = {"kernels.lora_shrink": ["_lora_shrink_kernel"], "kernels.lora_expand": ["_lora_expand_kernel"],
+           "kernels.lora_fused": ["_lora_fused_kernel"],
            "kernels.paged_attention": ["_decode_attention_kernel", "_merge_splits_kernel"],
            "kernels.prefill_attention": ["_prefill_attention_kernel"],
            "kernels.elementwise": ["_add_rms_norm_kernel", "_rotary_kv_kernel", "_silu_and_mul_kernel"]}
@@ -199,7 +200,8 @@ def recorded(monkeypatch):
         module = importlib.import_module(module_name)
         for name in names:
             monkeypatch.setattr(module, name, Recorder(getattr(module, name), keys))
-    for name in ("lora_block_m", "shrink_tiles", "expand_tiles", "decode_attention_tiles", "prefill_attention_tiles"):
+    for name in ("lora_block_m", "shrink_tiles", "expand_tiles", "fused_tiles", "decode_attention_tiles",
+                 "prefill_attention_tiles"):
         monkeypatch.setattr(tiles, name, on_h200(getattr(tiles, name)))
     return keys
 
@@ -252,9 +254,10 @@ def test_random_traffic_launches_no_kernel_the_warm_up_did_not(recorded, decode_
     engine = make_engine(True, kernels="triton", decode_graphs=decode_graphs, max_model_len=1024, max_num_seqs=32)
     warmed = set(recorded)
     assert {tiles.lora_block_m(n) for n in (2, 512)} == {16, 64}  # the H200's choices, as the launchers see them
-    shrink = {constexpr(k, "BLOCK_R") for k in warmed if k[0] == "_lora_shrink_kernel"}
-    expand = {constexpr(k, "BLOCK_R") for k in warmed if k[0] == "_lora_expand_kernel"}
-    assert shrink == {16, 32, 64} and expand == {16, 32, 64}
+    fused = {constexpr(k, "BLOCK_R") for k in warmed if k[0] == "_lora_fused_kernel"}
+    # prefill-sized steps' LoRA is fused (tiles.lora_fused); which rank classes the warm-up's prefill
+    # reaches depends on the pool it finds, and the check below holds the traffic to them
+    assert fused and fused <= {16, 32, 64}
     recorded.clear()
     random_traffic(engine, seed=1)
     assert recorded, "the traffic launched nothing"
