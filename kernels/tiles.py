@@ -139,14 +139,16 @@ def expand_tiles(max_tiles: int, max_n: int, num_proj: int, page_size: int, bloc
 def lora_fused(block_m: int) -> bool:
     """Whether steps of this LoRA tile class (lora_block_m) run each projection group's LoRA as one
     lora_fused launch (z on chip) rather than lora_shrink + lora_expand through a z buffer in memory.
-    Measured on the H200 (bench/engine.py, docs/BENCHMARKS.md "LoRA kernels on the H200"):
-    - prefill (BLOCK_M 64): fused, 2,048 tokens over 16 rank-16 all-linear adapters at 0.81 of the
-      LoRA-off tokens/s against 0.75 with the split pair;
-    - decode (BLOCK_M 16): split. Each fused program reads its tile's whole A (r x K) before its
-      first output, where the split shrink spreads K over split_k programs: batch 1 with one rank-16
-      all-linear adapter took 7.32 ms fused against 5.79 ms split (LoRA off 4.32 ms).
-    The warm-up runs one step per token class, so this choice may depend on block_m only."""
-    return block_m >= 64
+    Measured on the H200 (bench/engine.py, docs/BENCHMARKS.md "LoRA kernels on the H200"), the split
+    pair is faster in both classes, so no step takes the fused kernel yet:
+    - decode (BLOCK_M 16): each fused program reads its tile's whole A (r x K) before its first
+      output, where the split shrink spreads K over split_k programs: batch 1 with one rank-16
+      all-linear adapter took 7.32 ms fused against 5.79 ms split (LoRA off 4.32 ms);
+    - prefill (BLOCK_M 64): 2,048 tokens over 16 rank-16 all-linear adapters at 0.81 of the LoRA-off
+      tokens/s fused against 0.87 split, in the same run.
+    bench/engine.py (--decode-kernels, its prefill rows) and bench/kernels.py time both. The warm-up
+    runs one step per token class, so this choice may depend on block_m only."""
+    return False
 
 
 def fused_tiles(max_tiles: int, k: int, max_n: int, num_proj: int, max_rank: int, page_size: int, block_m: int,

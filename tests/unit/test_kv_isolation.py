@@ -154,10 +154,12 @@ def gpu_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("kv_isolation_gpu")
     base = write_checkpoint(str(root / "base"), "llama_gqa", hidden_size=512, intermediate_size=1024,
                             num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=2)
-    adapters = {"r16": write_adapter(str(root / "r16"), base, 16, GPU_MODULES, seed=1),
-                "r3": write_adapter(str(root / "r3"), base, 3, GPU_MODULES, seed=2),
-                "r8": write_adapter(str(root / "r8"), base, 8, ["q_proj", "v_proj", "down_proj"], seed=3),
-                "r33": write_adapter(str(root / "r33"), base, 33, GPU_MODULES, seed=4)}
+    # alpha = r / 4 (scale 0.25): at write_adapter's default scale of 2 the rank-33 adapter on every
+    # module overflows float16 on the GPU (its requests then fail as non-finite, correctly)
+    adapters = {"r16": write_adapter(str(root / "r16"), base, 16, GPU_MODULES, seed=1, alpha=4),
+                "r3": write_adapter(str(root / "r3"), base, 3, GPU_MODULES, seed=2, alpha=0.75),
+                "r8": write_adapter(str(root / "r8"), base, 8, ["q_proj", "v_proj", "down_proj"], seed=3, alpha=2),
+                "r33": write_adapter(str(root / "r33"), base, 33, GPU_MODULES, seed=4, alpha=8.25)}
     return base, adapters
 
 

@@ -255,9 +255,7 @@ def test_random_traffic_launches_no_kernel_the_warm_up_did_not(recorded, decode_
     warmed = set(recorded)
     assert {tiles.lora_block_m(n) for n in (2, 512)} == {16, 64}  # the H200's choices, as the launchers see them
     fused = {constexpr(k, "BLOCK_R") for k in warmed if k[0] == "_lora_fused_kernel"}
-    # prefill-sized steps' LoRA is fused (tiles.lora_fused); which rank classes the warm-up's prefill
-    # reaches depends on the pool it finds, and the check below holds the traffic to them
-    assert fused and fused <= {16, 32, 64}
+    assert fused == set()  # no step takes the fused kernel (tiles.lora_fused: the split pair measured faster)
     recorded.clear()
     random_traffic(engine, seed=1)
     assert recorded, "the traffic launched nothing"
