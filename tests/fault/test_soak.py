@@ -13,6 +13,7 @@ Triton stub and of the engine process within 5% of what they were after the warm
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -146,7 +147,9 @@ def rss_bytes(pid: int) -> int:
 
 def serving_processes(server) -> dict[str, int]:
     below = descendants(server.process.pid)
-    found = {"stub": [p for p in below if "triton_python_backend_stub" in cmdline(p)],
+    # the stub of model multilora (the engine's parent), not that of the admin model multilora_adapters
+    found = {"stub": [p for p in below if "triton_python_backend_stub" in cmdline(p)
+                      and os.path.join("multilora", "1", "model.py") in cmdline(p)],
              "engine": [p for p in below if "engine.core_server" in cmdline(p)]}
     assert all(len(pids) == 1 for pids in found.values()), found
     return {name: pids[0] for name, pids in found.items()}
