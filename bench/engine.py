@@ -4,11 +4,14 @@ each LoRA row's throughput over the LoRA-off row of its batch. Then prefill step
 tokens (16 prompts of 128) with LoRA off, 1 adapter and 16 adapters (rank 16 all-linear): tokens/s
 and LoRA-on/LoRA-off; on the Triton kernels at TP 1, with the LoRA of every projection group both
 as the fused kernel and as the split pair (shrink + expand), and decode both ways with
-``--decode-kernels fused,split``.
+``--decode-kernels fused,split``. ``--lora-schedule overlap,serial`` runs every LoRA row (decode and
+prefill) both with the LoRA beside the base GEMM on its own stream and deferred to the next op
+(engine/lora_batch.py, the default) and serially in place, in the same run.
 
     PYTHONPATH=. python bench/engine.py [--batches 1,8,32,64,128,256] [--context 256] [--json out.json]
         [--shape 7b|13b|70b|tiny] [--tensor-parallel-size N] [--fully-sharded-loras] [--max-distinct 64]
-        [--decode-kernels default|fused|split|fused,split] [--no-prefill]
+        [--decode-kernels default|fused|split|fused,split] [--lora-schedule overlap|serial|overlap,serial]
+        [--no-prefill]
     PYTHONPATH=. python bench/engine.py --tiny   # the tiny shape, batches 1,4, context 16, prefill 64 tokens
     # (a smoke run on whatever device there is; on a CPU, TRITON_INTERPRET=1 ... --tiny --kernels triton
     # runs the kernels in the interpreter)
@@ -72,6 +75,8 @@ def decode_step_time(engine: LLMEngine, batch: int, context: int, lora_names: li
         ids.append(seq.request_id)
     while any(len(engine.seqs[r].output_token_ids) == 0 for r in ids):  # prefill everything
         engine.step()
+    for _ in range(2):  # untimed: a decode graph not yet captured for this bucket is captured here
+        engine.step()
     ctx_start = sum(engine.seqs[r].num_tokens for r in ids) / batch
     times = []
     for _ in range(3):
@@ -119,17 +124,33 @@ def prefill_step_time(engine: LLMEngine, num_tokens: int, lora_names: list[str |
     return statistics.median(times)
 
 
-def prefill_rows(engine: LLMEngine, adapters: list[str], num_tokens: int, repeats: int, single: bool) -> list[dict]:
+def set_lora_schedule(engine: LLMEngine, schedule: str) -> None:
+    """overlap: the LoRA on its own stream beside the base GEMM, deferred to the next op (the
+    engine's default); serial: on the main stream, added in place. The decode graphs captured
+    under the other schedule are dropped (the next step of each bucket captures its own)."""
+    ops = engine.runner.ops
+    on = schedule != "serial"
+    if (ops.overlap_lora, ops.defer_lora) != (on, on):
+        ops.overlap_lora = ops.defer_lora = on
+        if engine.runner.graphs is not None:
+            engine.runner.graphs.graphs.clear()
+
+
+def prefill_rows(engine: LLMEngine, adapters: list[str], num_tokens: int, repeats: int, single: bool,
+                 schedules: list[str]) -> list[dict]:
     """LoRA off, 1 adapter, 16 adapters; on the kernels at TP 1 (``single``: the choice is made in
-    this process, so not for the other ranks), LoRA both fused and split (tiles.lora_fused)."""
-    kernels = ["fused", "split"] if engine.runner.ops.use_kernels and single else ["default"]
+    this process, so not for the other ranks), LoRA both fused and split (tiles.lora_fused), the
+    split pair under each of ``schedules``."""
+    kernels = ["fused"] + [f"split {s}" for s in schedules] if engine.runner.ops.use_kernels and single else ["default"]
     cases = [("LoRA off", [None] * PREFILL_PROMPTS), ("1 adapter, rank 16 all-linear", [adapters[0]] * PREFILL_PROMPTS),
              (f"{PREFILL_PROMPTS} adapters, rank 16 all-linear",
               [adapters[i % len(adapters)] for i in range(PREFILL_PROMPTS)])]
     rows, base = [], None
     fused_choice = tiles.lora_fused
     for kernel in kernels:
-        tiles.lora_fused = {"split": lambda block_m: False, "fused": lambda block_m: True}.get(kernel, fused_choice)
+        tiles.lora_fused = {"split": lambda block_m: False, "fused": lambda block_m: True}.get(kernel.split()[0],
+                                                                                              fused_choice)
+        set_lora_schedule(engine, kernel.split()[-1])
         try:
             for label, names in cases:
                 if label == "LoRA off" and base is not None:
@@ -140,10 +161,11 @@ def prefill_rows(engine: LLMEngine, adapters: list[str], num_tokens: int, repeat
                 tps = num_tokens / seconds
                 rows.append({"tokens": num_tokens, "case": label, "step_ms": seconds * 1e3, "tokens_per_s": tps,
                              "lora_kernels": "-" if label == "LoRA off" else kernel, "lora_on_off": tps / base})
-                print(f"prefill {num_tokens} | {label:<34} | {rows[-1]['lora_kernels']:<9} | {seconds * 1e3:8.2f} ms | "
+                print(f"prefill {num_tokens} | {label:<34} | {rows[-1]['lora_kernels']:<15} | {seconds * 1e3:8.2f} ms | "
                       f"{tps:9.0f} tok/s | {tps / base:5.2f} of LoRA off", flush=True)
         finally:
             tiles.lora_fused = fused_choice
+            set_lora_schedule(engine, "overlap")
     engine.config.async_scheduling = True
     return rows
 
@@ -159,6 +181,9 @@ def main() -> None:
     ap.add_argument("--decode-kernels", default="default",
                     help="LoRA kernels of the decode rows: default (kernels/tiles.py's choice), fused, split, or "
                          "fused,split (each LoRA row both ways, TP 1 on the kernels)")
+    ap.add_argument("--lora-schedule", default="overlap",
+                    help="overlap (LoRA on its own stream beside the base GEMM, deferred to the next op: the "
+                         "default), serial (in place, one stream), or overlap,serial (each LoRA row both ways)")
     ap.add_argument("--tiny", action="store_true", help="--shape tiny, batches 1,4, context 16, prefill 64 tokens, "
                     "on CUDA if there is one, else on the CPU (a smoke run: the figures mean nothing)")
     ap.add_argument("--kernels", default="auto", help="engine.json kernels: auto, triton (on a CPU with "
@@ -199,8 +224,13 @@ def main() -> None:
     kv_per_token = local.num_layers * 2 * local.num_kv_heads * local.head_dim * runner.dtype.itemsize
     choices = {"default": tiles.lora_fused, "fused": lambda block_m: True, "split": lambda block_m: False}
     decode_kernels = args.decode_kernels.split(",")
-    if len(decode_kernels) > 1 and not (runner.ops.use_kernels and size == 1):
+    schedules = args.lora_schedule.split(",")
+    if not (runner.ops.use_kernels and size == 1):
         decode_kernels = ["default"]  # the choice is made in this process: not for other ranks' kernels
+        schedules = ["overlap"]
+    # each LoRA row under each (kernel, schedule); the fused kernel has no schedule of its own
+    decode_choices = [k if k == "fused" else f"{k} {s}" for k in decode_kernels for s in schedules]
+    decode_choices = list(dict.fromkeys(decode_choices))
 
     def adapter_bytes(name: str) -> int:  # one rank's shard
         return engine.lora.get(name).num_bytes // size
@@ -210,13 +240,14 @@ def main() -> None:
         cases = [("LoRA off", [None] * batch, 0, "-")]
         for label, names in adapters.items():
             mixed = [names[i % len(names)] for i in range(batch)]
-            for kernel in decode_kernels:
+            for kernel in decode_choices:
                 cases.append((f"1 adapter, {label}", [names[0]] * batch, adapter_bytes(names[0]), kernel))
                 if batch > 1:
                     cases.append((f"{len(set(mixed))} adapters, {label}", mixed,
                                   sum(adapter_bytes(n) for n in set(mixed)), kernel))
         for label, names, a_bytes, kernel in cases:
-            tiles.lora_fused = choices.get(kernel, choices["default"])
+            tiles.lora_fused = choices.get(kernel.split()[0], choices["default"])
+            set_lora_schedule(engine, kernel.split()[-1])
             try:
                 engine.config.async_scheduling = False  # the same step without overlap, for comparison
                 sync_seconds, _ = decode_step_time(engine, batch, args.context, names, args.steps)
@@ -224,17 +255,18 @@ def main() -> None:
                 seconds, ctx = decode_step_time(engine, batch, args.context, names, args.steps)
             finally:
                 tiles.lora_fused = choices["default"]
+                set_lora_schedule(engine, "overlap")
             floor = (w_bytes + a_bytes + batch * ctx * kv_per_token) / bandwidth
             tps = batch / seconds
             lora_off_tps = lora_off_tps or tps  # the first case is LoRA off
             rows.append({"batch": batch, "case": label, "lora_kernels": kernel, "step_ms": seconds * 1e3,
                          "sync_step_ms": sync_seconds * 1e3, "floor_ms": floor * 1e3, "frac_of_floor": floor / seconds,
                          "tokens_per_s": tps, "lora_on_off": tps / lora_off_tps})
-            print(f"{batch:>5} | {label:<34} | {kernel:<7} | {seconds * 1e3:8.2f} ms (sync {sync_seconds * 1e3:6.2f}) | "
+            print(f"{batch:>5} | {label:<34} | {kernel:<15} | {seconds * 1e3:8.2f} ms (sync {sync_seconds * 1e3:6.2f}) | "
                   f"floor {floor * 1e3:6.2f} ms | {floor / seconds:5.2f} of floor | {tps:9.0f} tok/s | "
                   f"{tps / lora_off_tps:5.2f} of LoRA off", flush=True)
     prefill_table = (prefill_rows(engine, adapters["rank 16 all-linear"], args.prefill_tokens, args.prefill_repeats,
-                                  runner.ops.use_kernels and size == 1) if prefill else [])
+                                  runner.ops.use_kernels and size == 1, schedules) if prefill else [])
     mode = "fully sharded" if args.fully_sharded_loras else "default"
     header = (f"device: {device_name()} x {size} (shape {args.shape}, LoRA sharding {mode}); copy bandwidth of one "
               f"device measured in this run: {bandwidth / 1e12:.3f} TB/s (the floor divides by it); "

@@ -9,6 +9,7 @@ import torch
 
 from engine.adapters import PackedAdapter
 from engine.ops import Ops, to_device
+from kernels import tiles
 
 if TYPE_CHECKING:
     from engine.step_inputs import StepInputs
@@ -56,11 +57,12 @@ def group_layout(group: str, out_sizes: dict[str, int]) -> tuple[list[int], list
 
 
 class LoRABatch:
-    """The device-side LoRA state of one step; ``apply`` is called per layer and projection group.
+    """The device-side LoRA state of one step.
 
     token_slots: [T] int32 (-1: base model); page_tables: [NS, MP] int32; groups: GroupMeta of
     the groups that any adapter of the step has. The kernels' per-step metadata is built here,
     once, from token_slots (on the device, so this also runs inside a CUDA graph capture).
+    ``linear`` is called per layer and projection group.
     """
 
     def __init__(self, ops: Ops, token_slots: torch.Tensor | None, page_tables: torch.Tensor | None,
@@ -71,6 +73,16 @@ class LoRABatch:
         self.num_slots = 0 if page_tables is None else page_tables.shape[0]
         self.kernel_meta = ops.lora_meta(token_slots, self.num_slots) if self.num_slots else None
         self._z: dict[str, torch.Tensor] = {}  # per group, reused by every layer
+        self._delta: dict[str, torch.Tensor] = {}  # per group, reused by every layer
+        # the LoRA stream, for steps on the GPU time of which it saves more than its host work costs:
+        # those captured in a CUDA graph (the stream switches are recorded once) and prefill-sized
+        # ones (eager decode-sized steps are bound by the host's launches)
+        self.stream = None
+        if groups and token_slots is not None and token_slots.device.type == "cuda":
+            stream = ops.lora_stream(token_slots.device)
+            if stream is not None and (torch.cuda.is_current_stream_capturing()
+                                       or token_slots.numel() >= tiles.PREFILL_SIZED_TOKENS):
+                self.stream = stream
 
     @classmethod
     def build(cls, ops: Ops, step: StepInputs, out_sizes: dict[str, int], device: torch.device) -> "LoRABatch":
@@ -91,17 +103,50 @@ class LoRABatch:
         return cls(ops, to_device(step.token_slots, torch.int32, device),
                    to_device([t + [0] * (max_pages - len(t)) for t in page_tables], torch.int32, device), metas)
 
-    def apply(self, ops: Ops, y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, layer: int, group: str) -> None:
-        """y += LoRA(x) for the modules of ``group``; y: [T, N_total] fused output, x: [T, K]."""
+    def linear(self, ops: Ops, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: torch.Tensor,
+               layer: int, group: str, defer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused projection ``group`` with its LoRA terms: returns (y, delta), y = x W^T + b.
+
+        x: [T, K]; weight: [N_total, K]. Deferred (``defer`` and ``ops.defer_lora``), the LoRA terms
+        go to delta [T, N_total] (zero rows for tokens without an adapter), which the op after the
+        projection adds (the ``delta`` of Ops.add_rms_norm, rotary_and_write_kv, silu_and_mul);
+        otherwise they are added into y and delta is None (a row-parallel projection under tensor
+        parallelism passes defer=False: its all-reduce must sum the LoRA terms too).
+
+        With a LoRA stream (Ops.lora_stream) the LoRA runs on it beside the base GEMM, which reads
+        the same x: deferred, the whole of it (shrink, then expand into delta), so none of it sits
+        between the GEMM and the next op; in place, the shrink, and the expand after the GEMM.
+        """
         meta = self.groups.get(group)
         if meta is None:
-            return
+            return ops.linear(x, weight, bias), None
         if ops.fuses_lora(self.kernel_meta):  # one launch, no z buffer
+            y = ops.linear(x, weight, bias)
             ops.lora_fused(x, pool, layer, self, meta, y)
-            return
+            return y, None
         z = self._z.get(group)
         if z is None:  # [T, NPROJ, R_MAX] float32
             z = self._z[group] = torch.empty(x.shape[0], len(meta.out_sizes), meta.max_rank, dtype=torch.float32,
                                              device=x.device)
-        ops.lora_shrink(x, pool, layer, self, meta, z)
-        ops.lora_expand(z, pool, layer, self, meta, y)
+        delta = None
+        if defer and ops.defer_lora:
+            delta = self._delta.get(group)
+            if delta is None:  # zeroed once a step: the expand writes only the rows of tokens with an adapter
+                delta = self._delta[group] = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        if self.stream is None:
+            y = ops.linear(x, weight, bias)
+            ops.lora_shrink(x, pool, layer, self, meta, z)
+            if delta is not None:
+                ops.lora_expand(z, pool, layer, self, meta, delta, accumulate=False)
+        else:
+            main = torch.cuda.current_stream(x.device)
+            self.stream.wait_stream(main)  # x is ready; z and delta are free (the ops that read them are queued)
+            with torch.cuda.stream(self.stream):
+                ops.lora_shrink(x, pool, layer, self, meta, z)
+                if delta is not None:
+                    ops.lora_expand(z, pool, layer, self, meta, delta, accumulate=False)
+            y = ops.linear(x, weight, bias)
+            main.wait_stream(self.stream)
+        if delta is None:
+            ops.lora_expand(z, pool, layer, self, meta, y)
+        return y, delta

@@ -61,31 +61,32 @@ class Transformer:
             hidden = tp.embed(w["embed"], input_ids)
         cos, sin = self.rotary.lookup(attn.positions)
         residual = None
+        # each projection's LoRA delta (or None, LoRABatch.linear) goes to the op that reads its output;
+        # a row-parallel projection's LoRA must be in its all-reduce, so under tensor parallelism it is not deferred
+        defer_rows = tp is None
+        down_delta = None
         for i in range(c.num_layers):
-            hidden, residual = ops.add_rms_norm(hidden, residual, w[f"{i}.input_norm"], c.rms_norm_eps)
+            hidden, residual = ops.add_rms_norm(hidden, residual, w[f"{i}.input_norm"], c.rms_norm_eps, down_delta)
             # attention block
-            qkv = ops.linear(hidden, w[f"{i}.qkv"], w.get(f"{i}.qkv_bias"))  # [T, q + 2kv]
-            lora.apply(ops, qkv, hidden, pool, i, "qkv")
+            qkv, delta = lora.linear(ops, hidden, w[f"{i}.qkv"], w.get(f"{i}.qkv_bias"), pool, i, "qkv")  # [T, q + 2kv]
             k_cache, v_cache = kv_caches[i]
             q = ops.rotary_and_write_kv(qkv, cos, sin, self.q_size, self.kv_size, c.num_heads, c.num_kv_heads,
-                                        c.head_dim, k_cache, v_cache, attn.slot_mapping)  # [T, heads, D]
+                                        c.head_dim, k_cache, v_cache, attn.slot_mapping, delta)  # [T, heads, D]
             out = ops.attention(q, k_cache, v_cache, attn, self.scale, c.sliding_window)
             out = out.reshape(num_tokens, self.q_size)
-            o = ops.linear(out, w[f"{i}.o"], w.get(f"{i}.o_bias"))
-            lora.apply(ops, o, out, pool, i, "o")
+            o, delta = lora.linear(ops, out, w[f"{i}.o"], w.get(f"{i}.o_bias"), pool, i, "o", defer_rows)
             if tp is not None:
                 tp.all_reduce(o)
-            hidden, residual = ops.add_rms_norm(o, residual, w[f"{i}.post_norm"], c.rms_norm_eps)
+            hidden, residual = ops.add_rms_norm(o, residual, w[f"{i}.post_norm"], c.rms_norm_eps, delta)
             # MLP block
-            gate_up = ops.linear(hidden, w[f"{i}.gate_up"], w.get(f"{i}.gate_up_bias"))  # [T, 2I]
-            lora.apply(ops, gate_up, hidden, pool, i, "gate_up")
-            act = ops.silu_and_mul(gate_up)  # [T, I]
-            down = ops.linear(act, w[f"{i}.down"], w.get(f"{i}.down_bias"))
-            lora.apply(ops, down, act, pool, i, "down")
+            gate_up, delta = lora.linear(ops, hidden, w[f"{i}.gate_up"], w.get(f"{i}.gate_up_bias"), pool, i,
+                                         "gate_up")  # [T, 2I]
+            act = ops.silu_and_mul(gate_up, delta)  # [T, I]
+            hidden, down_delta = lora.linear(ops, act, w[f"{i}.down"], w.get(f"{i}.down_bias"), pool, i, "down",
+                                             defer_rows)
             if tp is not None:
-                tp.all_reduce(down)
-            hidden = down
-        hidden, _ = ops.add_rms_norm(hidden, residual, w["norm"], c.rms_norm_eps)
+                tp.all_reduce(hidden)
+        hidden, _ = ops.add_rms_norm(hidden, residual, w["norm"], c.rms_norm_eps, down_delta)
         hidden = hidden.index_select(0, logits_indices)
         logits = ops.linear(hidden, w["lm_head"], None).float()
         return logits if tp is None else tp.gather_logits(logits)

@@ -29,6 +29,9 @@ def to_device(data: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
 class Ops:
     def __init__(self, use_kernels: bool) -> None:
         self.use_kernels = use_kernels
+        self.overlap_lora = True  # LoRA beside the base GEMM on a stream of its own (lora_stream)
+        self.defer_lora = True  # LoRA terms added by the op after the projection (LoRABatch.linear)
+        self._lora_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._elementwise = reference  # the element-wise ops: these twins or kernels.elementwise (same API)
         if use_kernels:  # Triton modules are imported only when used (CPU runs stay Triton-free)
             from kernels import elementwise, lora_expand, lora_fused, lora_meta, lora_shrink, paged_attention
@@ -42,20 +45,33 @@ class Ops:
         return F.linear(x, weight, bias)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """residual + x, then normalise; returns (normed, new residual)."""
-        return self._elementwise.fused_add_rms_norm(x, residual, weight, eps)
+                     eps: float, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """residual + (x + delta), then normalise; returns (normed, new residual). The ``delta`` of
+        these three ops is the LoRA term of the projection that made their input, or None."""
+        return self._elementwise.fused_add_rms_norm(x, residual, weight, eps, delta)
 
     def rotary_and_write_kv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_size: int,
                             kv_size: int, num_heads: int, num_kv_heads: int, head_dim: int, k_cache: torch.Tensor,
-                            v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
-        """Rotary on q and k of qkv, k and v into their cache slots; returns rotated q [T, H, D]."""
+                            v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                            delta: torch.Tensor | None = None) -> torch.Tensor:
+        """Rotary on q and k of qkv + delta, k and v into their cache slots; returns rotated q [T, H, D]."""
         return self._elementwise.rotary_and_write_kv(qkv, cos, sin, q_size, kv_size, num_heads, num_kv_heads,
-                                                     head_dim, k_cache, v_cache, slot_mapping)
+                                                     head_dim, k_cache, v_cache, slot_mapping, delta)
 
-    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """silu(gate) * up of gate_up [T, 2I] = [gate | up] -> [T, I]."""
-        return self._elementwise.silu_and_mul(gate_up)
+    def silu_and_mul(self, gate_up: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """silu(gate) * up of gate_up + delta, [T, 2I] = [gate | up] -> [T, I]."""
+        return self._elementwise.silu_and_mul(gate_up, delta)
+
+    def lora_stream(self, device: torch.device) -> "torch.cuda.Stream | None":
+        """The stream that LoRA kernels run on beside the base model's GEMM (engine/lora_batch.py):
+        one per device, of the highest priority, so that its small kernels are scheduled as SMs
+        free up; None without the Triton kernels on CUDA, or with ``overlap_lora`` off."""
+        if not (self.use_kernels and self.overlap_lora and device.type == "cuda"):
+            return None
+        stream = self._lora_streams.get(device)
+        if stream is None:
+            stream = self._lora_streams[device] = torch.cuda.Stream(device, priority=-1)  # torch's high priority
+        return stream
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: "AttentionMetadata",
                   scale: float, sliding_window: int | None) -> torch.Tensor:
@@ -94,14 +110,15 @@ class Ops:
             reference.lora_shrink(*args)
 
     def lora_expand(self, z: torch.Tensor, pool: torch.Tensor, layer: int, lora: "LoRABatch", group: "GroupMeta",
-                    y: torch.Tensor) -> None:
+                    y: torch.Tensor, accumulate: bool = True) -> None:
         """y[t, off_p:off_p+N_p] += scale_p z[t, p, :r] B_p^T through the page tables (expand).
 
         z: [T, NPROJ, R_MAX] float32 from lora_shrink; y: [T, N_total] the fused projection's
-        output, added to in place at the group's out_offsets."""
+        output, added to in place at the group's out_offsets; with ``accumulate`` False, a delta
+        buffer that gets scale_p z B_p^T itself (zeros for a module the adapter lacks)."""
         args = (z, pool, layer, lora.token_slots, lora.page_tables, group.ranks, group.b_offsets, group.scales, y,
                 group.out_offsets, group.out_sizes)
         if self.use_kernels:
-            self._expand(*args, meta=lora.kernel_meta)
+            self._expand(*args, meta=lora.kernel_meta, accumulate=accumulate)
         else:
-            reference.lora_expand(*args)
+            reference.lora_expand(*args, accumulate=accumulate)

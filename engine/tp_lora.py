@@ -23,7 +23,7 @@ ROW_GROUPS = ("o", "down")
 
 
 class FullyShardedLoRABatch(LoRABatch):
-    """LoRABatch whose ``apply`` adds the collectives; ``split`` must be called once after build."""
+    """LoRABatch whose ``linear`` adds the collectives; ``split`` must be called once after build."""
 
     tp: "TensorParallel"
     shrink_groups: dict[str, GroupMeta]
@@ -43,10 +43,13 @@ class FullyShardedLoRABatch(LoRABatch):
                                                                 max_rank=-(-meta.max_rank // tp.size))
         return self
 
-    def apply(self, ops: Ops, y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, layer: int, group: str) -> None:
+    def linear(self, ops: Ops, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pool: torch.Tensor,
+               layer: int, group: str, defer: bool = True) -> tuple[torch.Tensor, None]:
+        """LoRABatch.linear with the collectives, on the main stream and never deferred."""
+        y = ops.linear(x, weight, bias)
         meta = self.groups.get(group)
         if meta is None:
-            return
+            return y, None
         shrink = self.shrink_groups[group]
         z = self._z.get(group)
         if z is None:  # [T, NPROJ, R_MAX / N] (column groups) or [T, NPROJ, R_MAX] float32
@@ -58,3 +61,4 @@ class FullyShardedLoRABatch(LoRABatch):
             ops.lora_expand(z, pool, layer, self, meta, y)
         else:
             ops.lora_expand(self.tp.all_gather_ranks(z), pool, layer, self, meta, y)
+        return y, None

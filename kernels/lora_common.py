@@ -97,32 +97,36 @@ def shrink_k_loop(acc, x_ptr, pool_ptr, tok, m_mask, x_stride_t, page_table_ptr,
 def expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
                   n_lo, n_hi, scale, page_stride, layer_offset,
                   PAGE: tl.constexpr, VEC: tl.constexpr, BLOCK_N: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """y[rows, n_lo:n_hi] += scale * zt B^T[:, n_lo:n_hi]: zt [BLOCK_M, BLOCK_R] in the pool's dtype,
-    y_rows [BLOCK_M] offsets of the tokens' first output column (m_mask), row_start [BLOCK_R]
-    virtual starts of B^T's rows (r_mask), each n_size long."""
+                  DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr = True):
+    """y[rows, n_lo:n_hi] += scale * zt B^T[:, n_lo:n_hi] (ACCUMULATE; else y[...] = scale * zt B^T,
+    rounded to y's dtype, without reading y): zt [BLOCK_M, BLOCK_R] in the pool's dtype, y_rows
+    [BLOCK_M] offsets of the tokens' first output column (m_mask), row_start [BLOCK_R] virtual
+    starts of B^T's rows (r_mask), each n_size long."""
     if ROW_IN_TWO_PAGES:  # page ids once per B^T row; the loop's loads then depend on no other load
         in_page, first, second = row_pages(page_table_ptr, num_pages, row_start, n_size, r_mask, page_stride, PAGE)
     else:  # gathered per piece in the loop (piece_offsets)
         in_page, first, second = row_start, row_start, row_start
     cols = tl.arange(0, BLOCK_N)
     y_row_ptrs = y_ptr + y_rows[:, None]  # [BLOCK_M, 1]
-    # y is read one step ahead (the pipeliner stages only the dot's operands), so its latency overlaps
-    y_next = tl.load(y_row_ptrs + (n_lo + cols)[None, :], mask=m_mask[:, None] & ((n_lo + cols) < n_size)[None, :],
-                     other=0.0)
+    y_dtype = y_ptr.dtype.element_ty
+    if ACCUMULATE:  # y is read one step ahead (the pipeliner stages only the dot's operands), so its latency overlaps
+        y_next = tl.load(y_row_ptrs + (n_lo + cols)[None, :],
+                         mask=m_mask[:, None] & ((n_lo + cols) < n_size)[None, :], other=0.0)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + cols
         n_mask = offs_n < n_size  # a chunk passes n_hi only at the end of the row
-        y = y_next
-        next_n = offs_n + BLOCK_N
-        next_mask = (next_n < n_size) & (next_n < n_hi)  # n_hi is a multiple of BLOCK_N from n_lo, or n_size
-        y_next = tl.load(y_row_ptrs + next_n[None, :], mask=m_mask[:, None] & next_mask[None, :], other=0.0)
+        if ACCUMULATE:
+            y = y_next
+            next_n = offs_n + BLOCK_N
+            next_mask = (next_n < n_size) & (next_n < n_hi)  # n_hi is a multiple of BLOCK_N from n_lo, or n_size
+            y_next = tl.load(y_row_ptrs + next_n[None, :], mask=m_mask[:, None] & next_mask[None, :], other=0.0)
         b_offs = piece_offsets(in_page, first, second, page_table_ptr, num_pages, row_start, r_mask, page_stride,
                                n0, layer_offset, PAGE, BLOCK_N, VEC, ROW_IN_TWO_PAGES)
         b = tl.load(pool_ptr + b_offs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-        acc = tl.dot(zt, b, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        tl.store(y_row_ptrs + offs_n[None, :], (y.to(tl.float32) + acc * scale).to(y.dtype),
-                 mask=m_mask[:, None] & n_mask[None, :])
+        acc = tl.dot(zt, b, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_N]
+        if ACCUMULATE:
+            acc += y.to(tl.float32)
+        tl.store(y_row_ptrs + offs_n[None, :], acc.to(y_dtype), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def step_meta(meta: LoRAStepMeta | None, token_slots: torch.Tensor, num_slots: int) -> LoRAStepMeta:

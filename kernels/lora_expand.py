@@ -1,4 +1,6 @@
-"""LoRA expand: y[t, off_p : off_p + N_p] += scale_p * z[t, p, :r] B_p^T, NPROJ projections per launch.
+"""LoRA expand: y[t, off_p : off_p + N_p] += scale_p * z[t, p, :r] B_p^T, NPROJ projections per launch;
+or, with accumulate=False, y[t, off_p : off_p + N_p] = scale_p * z[t, p, :r] B_p^T (zeros for a module
+the adapter lacks), a LoRA delta that the op after the projection adds (engine/lora_batch.py).
 
 Grid: (tile, column range, projection). A tile is up to BLOCK_M tokens of one adapter
 (LoRAStepMeta); its program loads the tokens' z once (BLOCK_R >= R_MAX columns, masked by the
@@ -31,7 +33,7 @@ def _lora_expand_kernel(
     y_stride_t, pt_stride_s, z_stride_t, z_stride_p,
     NPROJ: tl.constexpr, PROJ_BASE: tl.constexpr, PAGE: tl.constexpr, VEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     pid_tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -43,7 +45,8 @@ def _lora_expand_kernel(
     slot = tl.load(tile_slots_ptr + pid_tile)
     rank = tl.load(ranks_ptr + slot * NPROJ + proj, mask=slot >= 0, other=0)
     n_lo = pid_n * cols_per_program
-    if (tile_len == 0) | (slot < 0) | (rank == 0) | (n_lo >= n_size):
+    # storing, a module the adapter lacks (rank 0) still writes its zeros
+    if (tile_len == 0) | (slot < 0) | ((rank == 0) & ACCUMULATE) | (n_lo >= n_size):
         return
     n_hi = tl.minimum(n_lo + cols_per_program, n_size)
 
@@ -63,17 +66,18 @@ def _lora_expand_kernel(
     if b_offset % VEC == 0:  # 16-byte loads need the adapter's rows aligned, checked per slot
         expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
                       n_lo, n_hi, scale, page_stride, layer_offset,
-                      PAGE, VEC, BLOCK_N, ROW_IN_TWO_PAGES, DOT_PRECISION)
+                      PAGE, VEC, BLOCK_N, ROW_IN_TWO_PAGES, DOT_PRECISION, ACCUMULATE)
     else:
         expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
                       n_lo, n_hi, scale, page_stride, layer_offset,
-                      PAGE, 1, BLOCK_N, ROW_IN_TWO_PAGES, DOT_PRECISION)
+                      PAGE, 1, BLOCK_N, ROW_IN_TWO_PAGES, DOT_PRECISION, ACCUMULATE)
 
 
 def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: torch.Tensor,
                 page_tables: torch.Tensor, ranks: torch.Tensor, b_offsets: torch.Tensor, scales: torch.Tensor,
                 y: torch.Tensor, out_offsets: list[int], out_sizes: list[int], *,
-                meta: LoRAStepMeta | None = None, config: tiles.ExpandTiles | None = None) -> None:
+                meta: LoRAStepMeta | None = None, config: tiles.ExpandTiles | None = None,
+                accumulate: bool = True) -> None:
     """y[t, off_p : off_p + N_p] += scale_p * z[t, p, :r] B_p^T for every token with an adapter, in place.
 
     z: [T, NPROJ, R_MAX] float32 contiguous, from lora_shrink
@@ -88,6 +92,8 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     out_offsets, out_sizes: [NPROJ] host ints, where each projection's output sits in y
     meta: the step's LoRAStepMeta (built here when None; build it once per step instead)
     config: tile override (tests, benchmarks); default from kernels.tiles
+    accumulate: False stores scale_p * z B_p^T instead (y is not read; zeros for a projection of rank 0),
+    in the projections' columns of the rows of tokens with an adapter; other rows and columns are untouched
     """
     num_tokens = y.shape[0]
     check_z("lora_expand", z, num_tokens, pool.device)
@@ -128,6 +134,6 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
             y.stride(0), page_tables.stride(0), z.stride(0), z.stride(1),
             NPROJ=num_proj, PROJ_BASE=base, PAGE=page_size, VEC=vec_width(page_size, *out_sizes[base:base + count]),
             BLOCK_M=meta.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, ROW_IN_TWO_PAGES=row_in_two_pages,
-            DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32", ACCUMULATE=accumulate,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )

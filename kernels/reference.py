@@ -17,9 +17,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
+def add_delta(x: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+    """x + delta rounded to x's dtype (a projection's output and its LoRA delta, engine/lora_batch.py)."""
+    return x if delta is None else x + delta
+
+
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    # x, residual: [T, H]; residual None = the first layer (the new residual is x itself)
+                       eps: float, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # x, residual, delta: [T, H]; residual None = the first layer (the new residual is x itself);
+    # delta (or None): added to x first
+    x = add_delta(x, delta)
     residual = x if residual is None else residual + x
     return rms_norm(residual, weight, eps), residual
 
@@ -45,11 +52,14 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_size: int, kv_size: int,
                         num_heads: int, num_kv_heads: int, head_dim: int, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                        v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                        delta: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary on q and k of qkv [T, q_size + 2 * kv_size]; rotated k and v into the cache (write_kv).
+    delta (like qkv, or None): added to qkv first.
 
     Returns rotated q: [T, num_heads, head_dim].
     """
+    qkv = add_delta(qkv, delta)
     num_tokens = qkv.shape[0]
     q = qkv[:, :q_size].view(num_tokens, num_heads, head_dim)
     k = qkv[:, q_size:q_size + kv_size].view(num_tokens, num_kv_heads, head_dim)
@@ -58,9 +68,9 @@ def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return apply_rotary(q, cos, sin)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    # gate_up: [T, 2I] = [gate | up] -> [T, I]
-    gate, up = gate_up.chunk(2, dim=-1)
+def silu_and_mul(gate_up: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+    # gate_up: [T, 2I] = [gate | up] -> [T, I]; delta (like gate_up, or None): added first
+    gate, up = add_delta(gate_up, delta).chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
@@ -179,8 +189,9 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
 
 def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: torch.Tensor,
                 page_tables: torch.Tensor, ranks: torch.Tensor, b_offsets: torch.Tensor, scales: torch.Tensor,
-                y: torch.Tensor, out_offsets: list[int], out_sizes: list[int]) -> None:
-    """y[t, off_p : off_p + N_p] += scale_p * z[t, p, :r] B_p^T, in place.
+                y: torch.Tensor, out_offsets: list[int], out_sizes: list[int], accumulate: bool = True) -> None:
+    """y[t, off_p : off_p + N_p] += scale_p * z[t, p, :r] B_p^T, in place (accumulate=False: y[...] =
+    scale_p * z[t, p, :r] B_p^T rounded to y's dtype, zeros for a projection of rank 0).
 
     z: [T, NPROJ, R_MAX] float32 from lora_shrink; b_offsets: [NS, NPROJ] int64, virtual offset of
     B_p^T ([r, N_p], row-major: rank row j holds column j of PEFT's lora_B); scales: [NS, NPROJ]
@@ -193,10 +204,15 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
         for p, (off, n) in enumerate(zip(out_offsets, out_sizes)):
             r = int(ranks[slot, p])
             if r == 0:
+                if not accumulate:
+                    y[tokens, off:off + n] = 0
                 continue
             bt = read_paged(pool, layer, page_tables[slot], int(b_offsets[slot, p]), r * n).view(r, n)
-            delta = (z[tokens, p, :r] @ bt.float()) * float(scales[slot, p])
-            y[tokens, off:off + n] += delta.to(y.dtype)
+            delta = ((z[tokens, p, :r] @ bt.float()) * float(scales[slot, p])).to(y.dtype)
+            if accumulate:
+                y[tokens, off:off + n] += delta
+            else:
+                y[tokens, off:off + n] = delta
 
 
 def lora_fused(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: torch.Tensor,

@@ -90,10 +90,15 @@ def elementwise_warps(block: int) -> int:
     return min(16, max(1, block // 256))
 
 
+# steps of fewer tokens are decode-sized: LoRA tiles of MIN_DOT tokens, and eager ones do not put their LoRA
+# on a stream of its own (engine/lora_batch.py)
+PREFILL_SIZED_TOKENS = 512
+
+
 def lora_block_m(num_tokens: int, on_gpu: bool = True) -> int:
     """Tokens per LoRA tile (tokens of one tile share an adapter). Decode-sized steps have few
     tokens per adapter, so small tiles; prefill-sized steps have long segments, so large ones."""
-    if not on_gpu or num_tokens < 512:
+    if not on_gpu or num_tokens < PREFILL_SIZED_TOKENS:
         return MIN_DOT
     return 64
 

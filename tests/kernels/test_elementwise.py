@@ -142,6 +142,55 @@ def test_silu_and_mul(case, dtype):
     assert_close(out, reference.silu_and_mul(gate_up))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["first_layer", "residual"])
+def test_delta_is_added_first(with_residual, dtype):
+    # each op with a delta (a projection's deferred LoRA term) equals its twin with that delta, and the twin
+    # equals the op on the rounded sum, as if the LoRA had been added into its input in place
+    num_tokens, hidden, heads, kv_heads, head_dim, inter = 5, 64, 4, 2, 16, 80
+    x, delta = randn(num_tokens, hidden, dtype=dtype, seed=20), randn(num_tokens, hidden, dtype=dtype, seed=21) / 8
+    residual = randn(num_tokens, hidden, dtype=dtype, seed=22) if with_residual else None
+    weight = randn(hidden, dtype=dtype, seed=23)
+    normed, new_residual = fused_add_rms_norm(x, residual, weight, 1e-5, delta)
+    ref_normed, ref_residual = reference.fused_add_rms_norm(x, residual, weight, 1e-5, delta)
+    assert_close(normed, ref_normed)
+    assert torch.equal(new_residual, ref_residual)
+    assert torch.equal(ref_residual, reference.fused_add_rms_norm(x + delta, residual, weight, 1e-5)[1])
+    assert not torch.equal(new_residual, fused_add_rms_norm(x, residual, weight, 1e-5)[1])
+
+    gate_up, gu_delta = randn(num_tokens, 2 * inter, dtype=dtype, seed=24), randn(num_tokens, 2 * inter,
+                                                                                  dtype=dtype, seed=25)
+    assert_close(silu_and_mul(gate_up, gu_delta), reference.silu_and_mul(gate_up + gu_delta))
+    assert torch.equal(reference.silu_and_mul(gate_up, gu_delta), reference.silu_and_mul(gate_up + gu_delta))
+
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv, qkv_delta = randn(num_tokens, width, dtype=dtype, seed=26), randn(num_tokens, width, dtype=dtype, seed=27)
+    positions = torch.arange(num_tokens, device=DEVICE) * 3
+    cos, sin = RotaryCache(head_dim, 10000.0, None, 64, DEVICE, dtype).lookup(positions)
+    slots = torch.arange(num_tokens, device=DEVICE) * 2 + 1
+    pool = make_kv_pool(4, 1, 4, kv_heads, head_dim, dtype)
+    outs = {}
+    for name, fn, args in (("kernel", rotary_and_write_kv, (qkv, qkv_delta)),
+                           ("twin", reference.rotary_and_write_kv, (qkv, qkv_delta)),
+                           ("summed", reference.rotary_and_write_kv, (qkv + qkv_delta, None))):
+        cache = pool.clone()
+        k_cache, v_cache = kv_views(cache, 0, 4, kv_heads, head_dim)
+        q = fn(args[0], cos, sin, heads * head_dim, kv_heads * head_dim, heads, kv_heads, head_dim, k_cache, v_cache,
+               slots, args[1])
+        outs[name] = (q, cache)
+    assert_close(outs["kernel"][0], outs["twin"][0])
+    assert_close(outs["kernel"][1], outs["twin"][1])  # rotated k, and v with its delta, in the cache
+    assert all(torch.equal(a, b) for a, b in zip(outs["twin"], outs["summed"]))
+
+
+def test_delta_must_match_its_input():
+    x = randn(3, 64, dtype=torch.float32, seed=30)
+    with pytest.raises(ValueError, match="delta .* must be like its input"):
+        fused_add_rms_norm(x, x, x[0], 1e-5, x[:2])
+    with pytest.raises(ValueError, match="delta .* must be like its input"):
+        silu_and_mul(x, x.half())
+
+
 # real shapes, GPU only: (name, tokens, hidden, heads, KV heads, head dim, intermediate)
 GPU_CASES = [
     ("llama2_7b_decode", 64, 4096, 32, 32, 128, 11008),

@@ -117,6 +117,23 @@ def run_and_compare(ap: AdapterPool, token_slots: list[int], k: int, out_sizes: 
             covered[off:off + n] = True
         assert torch.equal(y[:, ~covered], y_before[:, ~covered]), "columns outside the projections changed"
 
+        # storing (a deferred LoRA delta): every covered column of a row with an adapter written, zeros
+        # for a module the adapter lacks; nothing else touched
+        d = torch.full_like(y, float("nan"))
+        d_ref = d.clone()
+        lora_expand(z_ref, ap.pool, layer, slots, ap.page_tables, ap.ranks, ap.b_offsets, ap.scales, d,
+                    out_offsets, out_sizes, meta=meta, config=expand_config, accumulate=False)
+        reference.lora_expand(z_ref, ap.pool, layer, slots, ap.page_tables, ap.ranks, ap.b_offsets, ap.scales, d_ref,
+                              out_offsets, out_sizes, accumulate=False)
+        rows = has_adapter.nonzero().flatten()
+        if rows.numel():
+            assert_close(d[rows][:, covered], d_ref[rows][:, covered], dtype)
+        assert d[~has_adapter].isnan().all() and d[:, ~covered].isnan().all(), "stored outside its rows and columns"
+        absent = torch.zeros_like(d_ref, dtype=torch.bool)
+        for p, (off, n) in enumerate(zip(out_offsets, out_sizes)):
+            absent[:, off:off + n] = (ap.ranks[slots.long().clamp(min=0), p] == 0)[:, None] & has_adapter[:, None]
+        assert (d[absent] == 0).all(), "a module the adapter lacks must store zeros"
+
 
 def decode_slots(num_tokens: int, num_slots: int, seed: int, none_every: int = 5) -> list[int]:
     """Tokens in random order over random adapters; every none_every-th token has none."""
