@@ -133,7 +133,7 @@ def set_lora_schedule(engine: LLMEngine, schedule: str) -> None:
     if (ops.overlap_lora, ops.defer_lora) != (on, on):
         ops.overlap_lora = ops.defer_lora = on
         if engine.runner.graphs is not None:
-            engine.runner.graphs.graphs.clear()
+            engine.runner.graphs.recapture_lazily()
 
 
 def prefill_rows(engine: LLMEngine, adapters: list[str], num_tokens: int, repeats: int, single: bool,

@@ -118,6 +118,7 @@ class DecodeGraphs:
         # (bucket, projection groups with LoRA) -> (graph, its logits buffer)
         self.graphs: dict[tuple[int, frozenset[str]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mempool = None
+        self._retired: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = []
 
     def bucket(self, num_seqs: int) -> int | None:
         """The bucket a decode step of ``num_seqs`` sequences is padded to; None above the largest."""
@@ -199,6 +200,13 @@ class DecodeGraphs:
         feed = dev["feed_rows"][:b]
         ids = torch.where(feed >= 0, runner.token_buf[feed.clamp(min=0)], dev["input_ids"][:b])
         return runner.model.forward(ids, attn, batch, runner.pool, runner.kv_caches, self.logits_indices[:b])
+
+    def recapture_lazily(self) -> None:
+        """Forget the captured graphs: the next step of each bucket captures its own, e.g. after
+        Ops' LoRA schedule changed (bench/engine.py --lora-schedule). They stay referenced, never
+        replayed: freeing them would free the memory pool the graphs to come are captured into."""
+        self._retired += self.graphs.values()
+        self.graphs.clear()
 
     def capture_all(self) -> None:
         """Capture every bucket now, on the all-padding buffers (scratch page, no adapter).

@@ -24,8 +24,8 @@ TOLERANCE = {torch.float32: (1e-6, 1e-6), torch.float16: (2 ** -10, 1e-5), torch
 GPU_TOLERANCE = {torch.float16: (2 ** -9, 2 ** -10), torch.bfloat16: (2 ** -6, 2 ** -7)}
 
 
-def assert_close(out: torch.Tensor, ref: torch.Tensor, gpu: bool = False) -> None:
-    rtol, atol = (GPU_TOLERANCE if gpu else TOLERANCE)[ref.dtype]
+def assert_close(out: torch.Tensor, ref: torch.Tensor, gpu: bool = ON_GPU) -> None:
+    rtol, atol = (GPU_TOLERANCE if gpu else {}).get(ref.dtype, TOLERANCE[ref.dtype])
     assert out.dtype == ref.dtype and out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
 
@@ -75,7 +75,7 @@ def kv_views(pool: torch.Tensor, layer: int, block_size: int, num_kv_heads: int,
 
 
 def check_rotary(num_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 block_size: int = 4, num_pages: int = 12, row_padding: int = 0, gpu: bool = False) -> None:
+                 block_size: int = 4, num_pages: int = 12, row_padding: int = 0, gpu: bool = ON_GPU) -> None:
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     width = q_size + 2 * kv_size
     qkv = randn(num_tokens, width + row_padding, dtype=dtype, seed=6)[:, :width]  # [T, q + 2kv]

@@ -29,7 +29,7 @@ def generate(base, adapters, dtype, defer, names, prompts, device="cpu"):
     ops = llm.engine.runner.ops
     ops.defer_lora = ops.overlap_lora = defer
     if llm.engine.runner.graphs is not None:  # captured at start-up with the defaults
-        llm.engine.runner.graphs.graphs.clear()
+        llm.engine.runner.graphs.recapture_lazily()
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
     outs = llm.generate(prompts, params, lora_names=names)
     return [(o.token_ids, o.logprobs) for o in outs]
