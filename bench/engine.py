@@ -4,9 +4,9 @@ each LoRA row's throughput over the LoRA-off row of its batch. Then prefill step
 tokens (16 prompts of 128) with LoRA off, 1 adapter and 16 adapters (rank 16 all-linear): tokens/s
 and LoRA-on/LoRA-off; on the Triton kernels at TP 1, with the LoRA of every projection group both
 as the fused kernel and as the split pair (shrink + expand), and decode both ways with
-``--decode-kernels fused,split``. ``--lora-schedule overlap,serial`` runs every LoRA row (decode and
-prefill) both with the LoRA beside the base GEMM on its own stream and deferred to the next op
-(engine/lora_batch.py, the default) and serially in place, in the same run.
+``--decode-kernels fused,split``. ``--lora-schedule overlap,serial`` runs every decode LoRA row both
+with the LoRA beside the base GEMM on its own stream and deferred to the next op (engine/lora_batch.py,
+the default) and serially in place, in the same run.
 
     PYTHONPATH=. python bench/engine.py [--batches 1,8,32,64,128,256] [--context 256] [--json out.json]
         [--shape 7b|13b|70b|tiny] [--tensor-parallel-size N] [--fully-sharded-loras] [--max-distinct 64]
@@ -136,21 +136,18 @@ def set_lora_schedule(engine: LLMEngine, schedule: str) -> None:
             engine.runner.graphs.recapture_lazily()
 
 
-def prefill_rows(engine: LLMEngine, adapters: list[str], num_tokens: int, repeats: int, single: bool,
-                 schedules: list[str]) -> list[dict]:
+def prefill_rows(engine: LLMEngine, adapters: list[str], num_tokens: int, repeats: int, single: bool) -> list[dict]:
     """LoRA off, 1 adapter, 16 adapters; on the kernels at TP 1 (``single``: the choice is made in
-    this process, so not for the other ranks), LoRA both fused and split (tiles.lora_fused), the
-    split pair under each of ``schedules``."""
-    kernels = ["fused"] + [f"split {s}" for s in schedules] if engine.runner.ops.use_kernels and single else ["default"]
+    this process, so not for the other ranks), LoRA both fused and split (tiles.lora_fused).
+    Prefill-sized steps have one LoRA schedule (in place, engine/lora_batch.py)."""
+    kernels = ["fused", "split"] if engine.runner.ops.use_kernels and single else ["default"]
     cases = [("LoRA off", [None] * PREFILL_PROMPTS), ("1 adapter, rank 16 all-linear", [adapters[0]] * PREFILL_PROMPTS),
              (f"{PREFILL_PROMPTS} adapters, rank 16 all-linear",
               [adapters[i % len(adapters)] for i in range(PREFILL_PROMPTS)])]
     rows, base = [], None
     fused_choice = tiles.lora_fused
     for kernel in kernels:
-        tiles.lora_fused = {"split": lambda block_m: False, "fused": lambda block_m: True}.get(kernel.split()[0],
-                                                                                              fused_choice)
-        set_lora_schedule(engine, kernel.split()[-1])
+        tiles.lora_fused = {"split": lambda block_m: False, "fused": lambda block_m: True}.get(kernel, fused_choice)
         try:
             for label, names in cases:
                 if label == "LoRA off" and base is not None:
@@ -165,7 +162,6 @@ def prefill_rows(engine: LLMEngine, adapters: list[str], num_tokens: int, repeat
                       f"{tps:9.0f} tok/s | {tps / base:5.2f} of LoRA off", flush=True)
         finally:
             tiles.lora_fused = fused_choice
-            set_lora_schedule(engine, "overlap")
     engine.config.async_scheduling = True
     return rows
 
@@ -266,7 +262,7 @@ def main() -> None:
                   f"floor {floor * 1e3:6.2f} ms | {floor / seconds:5.2f} of floor | {tps:9.0f} tok/s | "
                   f"{tps / lora_off_tps:5.2f} of LoRA off", flush=True)
     prefill_table = (prefill_rows(engine, adapters["rank 16 all-linear"], args.prefill_tokens, args.prefill_repeats,
-                                  runner.ops.use_kernels and size == 1, schedules) if prefill else [])
+                                  runner.ops.use_kernels and size == 1) if prefill else [])
     mode = "fully sharded" if args.fully_sharded_loras else "default"
     header = (f"device: {device_name()} x {size} (shape {args.shape}, LoRA sharding {mode}); copy bandwidth of one "
               f"device measured in this run: {bandwidth / 1e12:.3f} TB/s (the floor divides by it); "

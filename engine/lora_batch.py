@@ -74,15 +74,16 @@ class LoRABatch:
         self.kernel_meta = ops.lora_meta(token_slots, self.num_slots) if self.num_slots else None
         self._z: dict[str, torch.Tensor] = {}  # per group, reused by every layer
         self._delta: dict[str, torch.Tensor] = {}  # per group, reused by every layer
-        # the LoRA stream, for steps on the GPU time of which it saves more than its host work costs:
-        # those captured in a CUDA graph (the stream switches are recorded once) and prefill-sized
-        # ones (eager decode-sized steps are bound by the host's launches)
+        # Decode-sized steps defer their LoRA terms, and when captured in a CUDA graph run them on
+        # the LoRA stream (eager ones are bound by the host's launches, and the stream's switches
+        # would add to them). Prefill-sized steps add in place on the main stream: on the H200 the
+        # LoRA stream beside their compute-bound GEMMs took 2,048 tokens over 16 rank-16 adapters
+        # from 0.83 to 0.60 of the LoRA-off tokens/s (docs/BENCHMARKS.md).
+        num_tokens = 0 if token_slots is None else token_slots.numel()
+        self.defer = ops.defer_lora and num_tokens < tiles.PREFILL_SIZED_TOKENS
         self.stream = None
-        if groups and token_slots is not None and token_slots.device.type == "cuda":
-            stream = ops.lora_stream(token_slots.device)
-            if stream is not None and (torch.cuda.is_current_stream_capturing()
-                                       or token_slots.numel() >= tiles.PREFILL_SIZED_TOKENS):
-                self.stream = stream
+        if self.defer and groups and token_slots.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            self.stream = ops.lora_stream(token_slots.device)
 
     @classmethod
     def build(cls, ops: Ops, step: StepInputs, out_sizes: dict[str, int], device: torch.device) -> "LoRABatch":
@@ -107,15 +108,16 @@ class LoRABatch:
                layer: int, group: str, defer: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused projection ``group`` with its LoRA terms: returns (y, delta), y = x W^T + b.
 
-        x: [T, K]; weight: [N_total, K]. Deferred (``defer`` and ``ops.defer_lora``), the LoRA terms
+        x: [T, K]; weight: [N_total, K]. Deferred (``defer``, and a decode-sized step), the LoRA terms
         go to delta [T, N_total] (zero rows for tokens without an adapter), which the op after the
         projection adds (the ``delta`` of Ops.add_rms_norm, rotary_and_write_kv, silu_and_mul);
         otherwise they are added into y and delta is None (a row-parallel projection under tensor
         parallelism passes defer=False: its all-reduce must sum the LoRA terms too).
 
-        With a LoRA stream (Ops.lora_stream) the LoRA runs on it beside the base GEMM, which reads
-        the same x: deferred, the whole of it (shrink, then expand into delta), so none of it sits
-        between the GEMM and the next op; in place, the shrink, and the expand after the GEMM.
+        With a LoRA stream (Ops.lora_stream; decode graphs) the LoRA runs on it beside the base GEMM,
+        which reads the same x: deferred, the whole of it (shrink, then expand into delta), so none
+        of it sits between the GEMM and the next op; a group not deferred (row-parallel under tensor
+        parallelism) runs its shrink there and its expand after the GEMM.
         """
         meta = self.groups.get(group)
         if meta is None:
@@ -129,7 +131,7 @@ class LoRABatch:
             z = self._z[group] = torch.empty(x.shape[0], len(meta.out_sizes), meta.max_rank, dtype=torch.float32,
                                              device=x.device)
         delta = None
-        if defer and ops.defer_lora:
+        if defer and self.defer:
             delta = self._delta.get(group)
             if delta is None:  # zeroed once a step: the expand writes only the rows of tokens with an adapter
                 delta = self._delta[group] = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)

@@ -12,8 +12,8 @@
 #   tools/gpu_bench.sh warmstart # tools/check_warm_start.py: kernels compiled at start-up and during traffic
 #   tools/gpu_bench.sh lora      # GPU tests, eager profiles (LoRA-off batch 32; batch 1 and 64, rank 16 all-linear),
 #                                # bench/engine.py at batch 1, 32, 64, 256, bench/kernels.py
-#   tools/gpu_bench.sh overlap   # the tests of the LoRA stream and deferred deltas on CUDA, then bench/engine.py with
-#                                # --lora-schedule overlap,serial at batch 1 and 64 (BATCHES), prefill included
+#   tools/gpu_bench.sh overlap   # the tests of the LoRA stream and deferred deltas on CUDA (with fp16 fidelity), then
+#                                # bench/engine.py --lora-schedule overlap,serial at batch 1 and 64 (BATCHES), prefill
 #   tools/gpu_bench.sh upload    # bench/upload.py: a 7B rank-16 all-linear adapter (80 MB) uploaded through
 #                                # Triton until its first token (target <= 1 s); carry .whl
 #   tools/gpu_bench.sh kernels   # the LoRA kernel tests compiled (every dtype, real shapes), bench/kernels.py
@@ -100,10 +100,10 @@ case "${1:-}" in
         [ -n "${KERNELS:-}" ] && step 150 kernels python bench/kernels.py --json "$OUT/bench_kernels_h200.json"
         ;;
     overlap)
-        step 200 gpu_tests python -m pytest -q -x tests/kernels/test_elementwise.py tests/kernels/test_lora.py \
-            tests/kernels/test_engine_kernels.py tests/unit/test_lora_deferred.py tests/unit/test_decode_graphs.py \
-            tests/fidelity/test_gpu_fp16.py -p no:cacheprovider -rs
-        step 380 engine python bench/engine.py --batches "${BATCHES:-1,64}" --lora-schedule overlap,serial \
+        step 240 gpu_tests python -m pytest -q -x tests/unit/test_lora_deferred.py tests/kernels/test_engine_kernels.py \
+            tests/fidelity/test_gpu_fp16.py tests/unit/test_decode_graphs.py tests/kernels/test_elementwise.py \
+            -p no:cacheprovider -rs -s
+        step 320 engine python bench/engine.py --batches "${BATCHES:-1,64}" --lora-schedule overlap,serial \
             --json "$OUT/bench_engine_h200.json"
         ;;
     warmstart)
