@@ -82,3 +82,16 @@ def triton_code(error: BaseException) -> tuple[str, str]:
     if isinstance(error, UnsupportedActionError):
         return "UNSUPPORTED", "unsupported"
     return "INTERNAL", "internal"
+
+
+def triton_error(pb_utils, message: str, code_name: str):
+    """pb_utils.TritonError(message) with the code named (Triton >= 23.x); the message alone on older
+    servers. ``pb_utils`` is the stub's triton_python_backend_utils, passed in: the engine does not
+    import Triton."""
+    code = getattr(pb_utils.TritonError, code_name, None)
+    if code is not None:
+        try:
+            return pb_utils.TritonError(message, code)
+        except TypeError:
+            pass
+    return pb_utils.TritonError(message)

@@ -37,7 +37,7 @@ import triton_python_backend_utils as pb_utils
 
 from engine.core_admin import admin_address
 from engine.core_client import EngineCoreClient
-from engine.errors import EngineError, EngineUnavailableError, RequestAbortedError, triton_code
+from engine.errors import EngineError, EngineUnavailableError, RequestAbortedError, triton_code, triton_error
 from engine.tenants import TENANTS_FILE, TenantRules
 from multilora_serve.launcher import ENGINE_ARGS_ENV
 from engine.outputs import RequestOutput
@@ -104,17 +104,6 @@ def _start_faulthandler() -> None:
     faulthandler.enable(file=stream, all_threads=True)
     faulthandler.dump_traceback_later(30, repeat=True, file=stream)
     _log("info", f"faulthandler: stacks to {path} every 30 s")
-
-
-def _triton_error(message: str, code_name: str) -> Any:
-    """pb_utils.TritonError with a code (Triton >= 23.x); message only on older servers."""
-    code = getattr(pb_utils.TritonError, code_name, None)
-    if code is not None:
-        try:
-            return pb_utils.TritonError(message, code)
-        except TypeError:
-            pass
-    return pb_utils.TritonError(message)
 
 
 def _classify(error: BaseException) -> tuple[str, str]:
@@ -414,7 +403,7 @@ class TritonPythonModel:
             _log("error", f"request {state.request_id} failed: {message}")
         else:
             _log("verbose", f"request {state.request_id}: {code}: {message}")
-        response = pb_utils.InferenceResponse(error=_triton_error(message, code))
+        response = pb_utils.InferenceResponse(error=triton_error(pb_utils, message, code))
         self._send(state, response, _FINAL)
 
     def _send(self, state: _LiveRequest, response: Any, flags: int) -> None:

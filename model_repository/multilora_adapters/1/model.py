@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils
 from engine.admin_client import call, not_running
 from engine.core_admin import admin_address
 from engine.core_wire import AdminRequest
-from engine.errors import EngineError, InvalidRequestError, triton_code
+from engine.errors import EngineError, InvalidRequestError, triton_code, triton_error
 from engine.tenants import find_authorization
 
 DEFAULT_ENGINE_MODEL = "multilora"
@@ -29,16 +29,6 @@ DEFAULT_TIMEOUT_S = 600.0  # an action reads adapters from disk; a 7B adapter ta
 
 def _parameter(model_config: dict[str, Any], key: str) -> str | None:
     return model_config.get("parameters", {}).get(key, {}).get("string_value") or None
-
-
-def _triton_error(message: str, code_name: str) -> Any:
-    code = getattr(pb_utils.TritonError, code_name, None)
-    if code is not None:
-        try:
-            return pb_utils.TritonError(message, code)
-        except TypeError:
-            pass
-    return pb_utils.TritonError(message)
 
 
 def _bytes_input(request: Any, name: str, required: bool = False) -> bytes | None:
@@ -85,7 +75,7 @@ class TritonPythonModel:
             else:
                 pb_utils.Logger.log_error(f"[multilora] admin request failed: {error!r}")
                 text = "internal error in the admin model (see the server's log)"
-            return pb_utils.InferenceResponse(error=_triton_error(text, code))
+            return pb_utils.InferenceResponse(error=triton_error(pb_utils, text, code))
 
     def _engine_ready(self) -> bool:
         try:
