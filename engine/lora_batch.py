@@ -75,8 +75,9 @@ class LoRABatch:
         self._z: dict[str, torch.Tensor] = {}  # per group, reused by every layer
         self._delta: dict[str, torch.Tensor] = {}  # per group, reused by every layer
         # Decode-sized steps defer their LoRA terms, and when captured in a CUDA graph run them on
-        # the LoRA stream (eager ones are bound by the host's launches, and the stream's switches
-        # would add to them). Prefill-sized steps add in place on the main stream: on the H200 the
+        # the LoRA stream (eager ones do not: there the stream's switches, recorded once in a graph,
+        # would be host work on every step, and eager steps launch one kernel at a time; that choice
+        # is not measured). Prefill-sized steps add in place on the main stream: on the H200 the
         # LoRA stream beside their compute-bound GEMMs took 2,048 tokens over 16 rank-16 adapters
         # from 0.83 to 0.60 of the LoRA-off tokens/s (docs/BENCHMARKS.md).
         num_tokens = 0 if token_slots is None else token_slots.numel()
