@@ -117,6 +117,11 @@ def _run_job(engine: "LLMEngine", job: Job, prefix: str) -> int | None:
     while engine.has_work():
         outputs = engine.step()
         steps += 1
+        # a synthetic adapter whose numbers overflowed (non-finite logits: its request failed and
+        # the adapter was quarantined) must still serve the jobs after this one, or the shapes only
+        # they reach stay uncompiled; the scratch quarantine holds warm-up adapters only
+        for name in engine.quarantine.names():
+            engine.quarantine.clear(name)
         if joiners:
             waiting_first_token -= {out.request_id for out in outputs if out.token_ids or out.finished}
             if not waiting_first_token:

@@ -288,3 +288,26 @@ def test_engine_shape_of_the_demo_without_graphs():
     shape = engine_shape(engine)
     assert shape.graph_buckets == () and shape.eager_decode_sizes == (1, 2, 3, 4)
     assert shape.groups["down"] == (512, 1, 128) and shape.groups["qkv"] == (128, 3, 128)
+
+
+def test_a_warm_up_adapter_that_overflows_still_serves_the_jobs_after_it(tmp_path):
+    # with the kernels recorded (test_random_traffic_...) logits are whatever their buffers held, and
+    # a warm-up adapter quarantined by one job used to be refused by every later job: the shapes only
+    # those reached (e.g. prefill of rank 33 to 64) stayed uncompiled. Here the overflow is real.
+    from engine.warmup import _run_job
+    from engine.warmup_plan import Job, Request
+    from helpers import write_overflowing_adapter
+
+    path = str(tmp_path / "overflow")
+    trigger = write_overflowing_adapter(path, BASE)
+    engine = LLMEngine(EngineConfig(model=BASE, max_num_seqs=16, warmup=False), {"overflow": path})
+    vocab, length = engine.model_config.vocab_size, engine.max_model_len - 2
+    job = Job("prompts over the vocabulary", tuple(Request(length, 1, "overflow") for _ in range(4)))
+    # the warm-up's prompt i is (3 + 7 i + 13 j) % vocab: one of these holds the trigger token
+    assert any((3 + 7 * i + 13 * j) % vocab == trigger for i in range(4) for j in range(length))
+    assert _run_job(engine, job, prefix="first") is not None
+    failed = engine.stats.num_non_finite_requests_total
+    assert failed >= 1  # the overflow happened, and failed its request
+    assert engine.quarantine.names() == []
+    assert _run_job(engine, job, prefix="second") is not None  # not refused: it ran, and overflowed again
+    assert engine.stats.num_non_finite_requests_total == 2 * failed
