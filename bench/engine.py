@@ -138,16 +138,22 @@ def set_lora_schedule(engine: LLMEngine, schedule: str) -> None:
 
 def prefill_rows(engine: LLMEngine, adapters: list[str], num_tokens: int, repeats: int, single: bool) -> list[dict]:
     """LoRA off, 1 adapter, 16 adapters; on the kernels at TP 1 (``single``: the choice is made in
-    this process, so not for the other ranks), LoRA both fused and split (tiles.lora_fused).
-    Prefill-sized steps have one LoRA schedule (in place, engine/lora_batch.py)."""
-    kernels = ["fused", "split"] if engine.runner.ops.use_kernels and single else ["default"]
+    this process, so not for the other ranks), LoRA fused (tiles.lora_fused) and split, the split
+    pair both ways of engine/lora_batch.py: "into GEMM" (the term stored first, then added by the
+    base GEMM, the engine's default) and "in place" (added into the GEMM's output after it)."""
+    kernels = ["fused", "split into GEMM", "split in place"] if engine.runner.ops.use_kernels and single \
+        else ["default"]
+    ops = engine.runner.ops
+    into_gemm = ops.lora_into_gemm
     cases = [("LoRA off", [None] * PREFILL_PROMPTS), ("1 adapter, rank 16 all-linear", [adapters[0]] * PREFILL_PROMPTS),
              (f"{PREFILL_PROMPTS} adapters, rank 16 all-linear",
               [adapters[i % len(adapters)] for i in range(PREFILL_PROMPTS)])]
     rows, base = [], None
     fused_choice = tiles.lora_fused
     for kernel in kernels:
-        tiles.lora_fused = {"split": lambda block_m: False, "fused": lambda block_m: True}.get(kernel, fused_choice)
+        tiles.lora_fused = {"split": lambda block_m: False, "fused": lambda block_m: True}.get(kernel.split()[0],
+                                                                                             fused_choice)
+        ops.lora_into_gemm = into_gemm and not kernel.endswith("in place")
         try:
             for label, names in cases:
                 if label == "LoRA off" and base is not None:
@@ -162,6 +168,7 @@ def prefill_rows(engine: LLMEngine, adapters: list[str], num_tokens: int, repeat
                       f"{tps:9.0f} tok/s | {tps / base:5.2f} of LoRA off", flush=True)
         finally:
             tiles.lora_fused = fused_choice
+            ops.lora_into_gemm = into_gemm
     engine.config.async_scheduling = True
     return rows
 

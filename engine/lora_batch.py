@@ -77,11 +77,14 @@ class LoRABatch:
         # Decode-sized steps defer their LoRA terms, and when captured in a CUDA graph run them on
         # the LoRA stream (eager ones do not: there the stream's switches, recorded once in a graph,
         # would be host work on every step, and eager steps launch one kernel at a time; that choice
-        # is not measured). Prefill-sized steps add in place on the main stream: on the H200 the
-        # LoRA stream beside their compute-bound GEMMs took 2,048 tokens over 16 rank-16 adapters
-        # from 0.83 to 0.60 of the LoRA-off tokens/s (docs/BENCHMARKS.md).
+        # is not measured). Prefill-sized steps run theirs on the main stream (on the H200 the LoRA
+        # stream beside their compute-bound GEMMs took 2,048 tokens over 16 rank-16 adapters from 0.83
+        # to 0.60 of the LoRA-off tokens/s, docs/BENCHMARKS.md), before the base GEMM, which adds
+        # the term (into_gemm), or after it, adding into its output in place.
         num_tokens = 0 if token_slots is None else token_slots.numel()
-        self.defer = ops.defer_lora and num_tokens < tiles.PREFILL_SIZED_TOKENS
+        decode_sized = num_tokens < tiles.PREFILL_SIZED_TOKENS
+        self.defer = ops.defer_lora and decode_sized
+        self.into_gemm = ops.lora_into_gemm and not decode_sized
         self.stream = None
         if self.defer and groups and token_slots.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             self.stream = ops.lora_stream(token_slots.device)
@@ -113,7 +116,9 @@ class LoRABatch:
         go to delta [T, N_total] (zero rows for tokens without an adapter), which the op after the
         projection adds (the ``delta`` of Ops.add_rms_norm, rotary_and_write_kv, silu_and_mul);
         otherwise they are added into y and delta is None (a row-parallel projection under tensor
-        parallelism passes defer=False: its all-reduce must sum the LoRA terms too).
+        parallelism passes defer=False: its all-reduce must sum the LoRA terms too). A prefill-sized
+        step on the kernels (``ops.lora_into_gemm``) computes them first and has the base GEMM add
+        them (Ops.linear_plus); with a bias, or on the references, they are added into y after it.
 
         With a LoRA stream (Ops.lora_stream; decode graphs) the LoRA runs on it beside the base GEMM,
         which reads the same x: deferred, the whole of it (shrink, then expand into delta), so none
@@ -131,11 +136,19 @@ class LoRABatch:
         if z is None:  # [T, NPROJ, R_MAX] float32
             z = self._z[group] = torch.empty(x.shape[0], len(meta.out_sizes), meta.max_rank, dtype=torch.float32,
                                              device=x.device)
+        if self.into_gemm and bias is None:
+            # prefill-sized: the expand stores the term (every row: zeros without an adapter) and the
+            # base GEMM adds it in its epilogue, so y is written once and never re-read; the buffer is
+            # not kept across layers (the largest, gate_up's, is what ModelRunner's memory profile adds)
+            addend = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+            ops.lora_shrink(x, pool, layer, self, meta, z)
+            ops.lora_expand(z, pool, layer, self, meta, addend, accumulate=False)
+            return ops.linear_plus(x, weight, addend), None
         delta = None
         if defer and self.defer:
             delta = self._delta.get(group)
-            if delta is None:  # zeroed once a step: the expand writes only the rows of tokens with an adapter
-                delta = self._delta[group] = torch.zeros(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+            if delta is None:  # kept for every layer: the expand writes all its rows (zeros without an adapter)
+                delta = self._delta[group] = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         if self.stream is None:
             y = ops.linear(x, weight, bias)
             ops.lora_shrink(x, pool, layer, self, meta, z)

@@ -10,7 +10,7 @@ from engine.adapters import PackedAdapter
 from engine.decode_graphs import DecodeGraphs
 from engine.checkpoint import load_weights, random_weights
 from engine.config import EngineConfig, ModelConfig
-from engine.lora_batch import LoRABatch
+from engine.lora_batch import GROUPS, LoRABatch, group_layout
 from engine.model import AttentionMetadata, Transformer
 from engine.ops import Ops, to_device
 from engine.page_manager import PageManager
@@ -189,6 +189,8 @@ class ModelRunner:
                            torch.arange(min(num_tokens, cfg.max_num_seqs), device=self.device))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - scratch.numel() * scratch.element_size()
+        if self.ops.lora_into_gemm:  # a prefill step's LoRA addend beside its largest projection (LoRABatch.linear)
+            peak += num_tokens * max(sum(group_layout(g, self.out_sizes)[1]) for g in GROUPS) * self.dtype.itemsize
         del scratch
         torch.cuda.empty_cache()
         return peak

@@ -31,6 +31,9 @@ class Ops:
         self.use_kernels = use_kernels
         self.overlap_lora = True  # LoRA beside the base GEMM on a stream of its own (lora_stream)
         self.defer_lora = True  # LoRA terms added by the op after the projection (LoRABatch.linear)
+        # prefill-sized steps: the LoRA term as the base GEMM's addend (linear_plus) rather than added
+        # into its output; the kernels only, so the references keep PEFT's rounding (LoRABatch.linear)
+        self.lora_into_gemm = use_kernels
         self._lora_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._elementwise = reference  # the element-wise ops: these twins or kernels.elementwise (same API)
         if use_kernels:  # Triton modules are imported only when used (CPU runs stay Triton-free)
@@ -43,6 +46,12 @@ class Ops:
     @staticmethod
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
+
+    @staticmethod
+    def linear_plus(x: torch.Tensor, weight: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
+        """x W^T + addend in one GEMM: the addend [T, N] is read in the GEMM's epilogue and the sum
+        rounded once (cuBLAS with beta = 1), instead of a second pass over the output."""
+        return torch.addmm(addend, x, weight.t())
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

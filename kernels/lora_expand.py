@@ -1,6 +1,7 @@
 """LoRA expand: y[t, off_p : off_p + N_p] += scale_p * z[t, p, :r] B_p^T, NPROJ projections per launch;
-or, with accumulate=False, y[t, off_p : off_p + N_p] = scale_p * z[t, p, :r] B_p^T (zeros for a module
-the adapter lacks), a LoRA delta that the op after the projection adds (engine/lora_batch.py).
+or, with accumulate=False, y[t, off_p : off_p + N_p] = scale_p * z[t, p, :r] B_p^T for every token (zeros
+for a module the adapter lacks and for tokens without an adapter), a LoRA delta that the op after the
+projection or the base GEMM adds (engine/lora_batch.py).
 
 Grid: (tile, column range, projection). A tile is up to BLOCK_M tokens of one adapter
 (LoRAStepMeta); its program loads the tokens' z once (BLOCK_R >= R_MAX columns, masked by the
@@ -45,8 +46,8 @@ def _lora_expand_kernel(
     slot = tl.load(tile_slots_ptr + pid_tile)
     rank = tl.load(ranks_ptr + slot * NPROJ + proj, mask=slot >= 0, other=0)
     n_lo = pid_n * cols_per_program
-    # storing, a module the adapter lacks (rank 0) still writes its zeros
-    if (tile_len == 0) | (slot < 0) | ((rank == 0) & ACCUMULATE) | (n_lo >= n_size):
+    # storing, a module the adapter lacks (rank 0) and a token without an adapter (slot -1, rank 0) get zeros
+    if (tile_len == 0) | (((slot < 0) | (rank == 0)) & ACCUMULATE) | (n_lo >= n_size):
         return
     n_hi = tl.minimum(n_lo + cols_per_program, n_size)
 
@@ -58,10 +59,10 @@ def _lora_expand_kernel(
     zt = tl.load(z_ptr + (tok * z_stride_t + proj * z_stride_p)[:, None] + offs_r[None, :],
                  mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] fp32
     zt = zt.to(pool_ptr.dtype.element_ty)
-    b_offset = tl.load(b_offsets_ptr + slot * NPROJ + proj).to(tl.int32)
-    scale = tl.load(scales_ptr + slot * NPROJ + proj)
+    b_offset = tl.load(b_offsets_ptr + slot * NPROJ + proj, mask=slot >= 0, other=0).to(tl.int32)
+    scale = tl.load(scales_ptr + slot * NPROJ + proj, mask=slot >= 0, other=0.0)
     row_start = b_offset + offs_r * n_size  # [BLOCK_R] virtual start of each B^T row
-    page_table_ptr = page_tables_ptr + slot * pt_stride_s
+    page_table_ptr = page_tables_ptr + tl.maximum(slot, 0) * pt_stride_s  # rank 0: its loads are all masked
     y_rows = tok * y_stride_t + y_offset  # [BLOCK_M]
     if b_offset % VEC == 0:  # 16-byte loads need the adapter's rows aligned, checked per slot
         expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
@@ -83,7 +84,7 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     z: [T, NPROJ, R_MAX] float32 contiguous, from lora_shrink
     pool: [P, L, PAGE] contiguous, same dtype as y
     layer: 0 <= layer < L
-    token_slots: [T] int32 adapter slot per token, -1 = none (such tokens' rows of y are untouched)
+    token_slots: [T] int32 adapter slot per token, -1 = none (such tokens' rows of y are untouched when accumulating)
     page_tables: [NS, MP] int32, each slot's pages in order
     ranks: [NS, NPROJ] int32, 0 = module absent; every rank <= R_MAX <= 256
     b_offsets: [NS, NPROJ] int64, virtual offset of B_p^T ([r, N_p] row-major); offsets < 2**31
@@ -92,8 +93,9 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     out_offsets, out_sizes: [NPROJ] host ints, where each projection's output sits in y
     meta: the step's LoRAStepMeta (built here when None; build it once per step instead)
     config: tile override (tests, benchmarks); default from kernels.tiles
-    accumulate: False stores scale_p * z B_p^T instead (y is not read; zeros for a projection of rank 0),
-    in the projections' columns of the rows of tokens with an adapter; other rows and columns are untouched
+    accumulate: False stores scale_p * z B_p^T instead (y is not read), in the projections' columns of
+    every row: zeros for a projection of rank 0 and for tokens without an adapter (y may start uninitialised);
+    other columns are untouched
     """
     num_tokens = y.shape[0]
     check_z("lora_expand", z, num_tokens, pool.device)

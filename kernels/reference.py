@@ -191,18 +191,17 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
                 page_tables: torch.Tensor, ranks: torch.Tensor, b_offsets: torch.Tensor, scales: torch.Tensor,
                 y: torch.Tensor, out_offsets: list[int], out_sizes: list[int], accumulate: bool = True) -> None:
     """y[t, off_p : off_p + N_p] += scale_p * z[t, p, :r] B_p^T, in place (accumulate=False: y[...] =
-    scale_p * z[t, p, :r] B_p^T rounded to y's dtype, zeros for a projection of rank 0).
+    scale_p * z[t, p, :r] B_p^T rounded to y's dtype for every token, zeros for a projection of rank 0
+    and for tokens without an adapter).
 
     z: [T, NPROJ, R_MAX] float32 from lora_shrink; b_offsets: [NS, NPROJ] int64, virtual offset of
     B_p^T ([r, N_p], row-major: rank row j holds column j of PEFT's lora_B); scales: [NS, NPROJ]
     float32; y: [T, N_total]; out_offsets/out_sizes: where each projection's output sits in y.
     """
     for slot in token_slots.unique().tolist():
-        if slot < 0:
-            continue
         tokens = (token_slots == slot).nonzero().flatten()
         for p, (off, n) in enumerate(zip(out_offsets, out_sizes)):
-            r = int(ranks[slot, p])
+            r = 0 if slot < 0 else int(ranks[slot, p])
             if r == 0:
                 if not accumulate:
                     y[tokens, off:off + n] = 0

@@ -18,6 +18,8 @@
 #                                # Triton until its first token (target <= 1 s); carry .whl
 #   tools/gpu_bench.sh kernels   # the LoRA kernel tests compiled (every dtype, real shapes), bench/kernels.py
 #   tools/gpu_bench.sh sweep     # bench/kernels.py --sweep: lora_fused (then shrink, expand) tile candidates
+#   tools/gpu_bench.sh trace     # the LoRA kernel tests on CUDA, tools/trace_step.py (kernel and stream timelines of
+#                                # decode graphs and prefill steps), bench/engine.py at BATCHES (default 64) with prefill
 #
 # Each step has its own time limit, so one that hangs does not take the others' time.
 set -uo pipefail
@@ -106,6 +108,12 @@ case "${1:-}" in
         step 320 engine python bench/engine.py --batches "${BATCHES:-1,64}" --lora-schedule overlap,serial \
             --json "$OUT/bench_engine_h200.json"
         ;;
+    trace)
+        step 170 gpu_lora_tests python -m pytest -q -x tests/kernels/test_lora.py tests/kernels/test_engine_kernels.py \
+            tests/unit/test_lora_deferred.py -p no:cacheprovider -rs
+        step 170 trace python tools/trace_step.py ${CASES:+--cases "$CASES"} --out "$OUT"
+        step 240 engine python bench/engine.py --batches "${BATCHES:-64}" --json "$OUT/bench_engine_h200.json"
+        ;;
     warmstart)
         step 500 warm_start python tools/check_warm_start.py --compare --json "$OUT/warm_start_h200.json"
         ;;
@@ -114,7 +122,7 @@ case "${1:-}" in
         step 540 upload /tmp/multilora-venv/bin/python bench/upload.py --runs 5 --server-log "$OUT/tritonserver_upload.log"
         ;;
     *)
-        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart|lora|overlap|upload|kernels|sweep" >&2
+        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart|lora|overlap|upload|kernels|sweep|trace" >&2
         exit 2
         ;;
 esac

@@ -35,3 +35,36 @@ def test_kernels_give_the_reference_tokens(model_set):
         assert llm.engine.runner.ops.use_kernels
         got = llm.generate(prompts, params, lora_names=names)
         assert [o.token_ids for o in got] == [o.token_ids for o in expected], graphs
+
+
+def test_prefill_sized_steps_add_the_lora_in_the_base_gemm(model_set):
+    """A step of at least tiles.PREFILL_SIZED_TOKENS tokens has its LoRA terms stored first and added by
+    the base GEMM (Ops.linear_plus); tokens without an adapter share the step. Same greedy tokens and
+    logprobs as adding them in place afterwards and as the reference ops."""
+    base, adapters = model_set
+    rng = random.Random(3)
+    lengths = [200, 150, 120, 90, 60]  # 620 prompt tokens: one prefill-sized step
+    prompts = [[1] + [rng.randrange(3, 259) for _ in range(n - 1)] for n in lengths]
+    names = ["a", None, "b", "a", "b"]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    common = dict(model=base, adapters=adapters, dtype="float32", device=device, num_pages=256, block_size=4,
+                  max_num_seqs=8, max_num_batched_tokens=1024, decode_graphs="off")
+    expected = LLM(kernels="reference", **common).generate(prompts, params, lora_names=names)
+    results = {}
+    for into_gemm in (True, False):
+        llm = LLM(kernels="triton", **common)
+        ops = llm.engine.runner.ops
+        assert ops.lora_into_gemm  # the default on the kernels
+        ops.lora_into_gemm = into_gemm
+        calls = []
+        plain = ops.linear_plus
+        ops.linear_plus = lambda *args: calls.append(args[2].shape) or plain(*args)
+        results[into_gemm] = llm.generate(prompts, params, lora_names=names)
+        # 1 layer: q,k,v, o, gate,up and down in the prefill step, with the 620 tokens' addends
+        assert len(calls) == (4 if into_gemm else 0) and all(shape[0] == sum(lengths) for shape in calls)
+    for into_gemm, outs in results.items():
+        assert [o.token_ids for o in outs] == [o.token_ids for o in expected], into_gemm
+        for mine, ref in zip(outs, expected):
+            for got, want in zip(mine.logprobs, ref.logprobs):
+                assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-4 for k in got)

@@ -117,8 +117,8 @@ def run_and_compare(ap: AdapterPool, token_slots: list[int], k: int, out_sizes: 
             covered[off:off + n] = True
         assert torch.equal(y[:, ~covered], y_before[:, ~covered]), "columns outside the projections changed"
 
-        # storing (a deferred LoRA delta): every covered column of a row with an adapter written, zeros
-        # for a module the adapter lacks; nothing else touched
+        # storing (a LoRA delta, deferred or the base GEMM's addend): every covered column of every row
+        # written, zeros for a module the adapter lacks and for tokens without an adapter; nothing else touched
         d = torch.full_like(y, float("nan"))
         d_ref = d.clone()
         lora_expand(z_ref, ap.pool, layer, slots, ap.page_tables, ap.ranks, ap.b_offsets, ap.scales, d,
@@ -128,7 +128,9 @@ def run_and_compare(ap: AdapterPool, token_slots: list[int], k: int, out_sizes: 
         rows = has_adapter.nonzero().flatten()
         if rows.numel():
             assert_close(d[rows][:, covered], d_ref[rows][:, covered], dtype)
-        assert d[~has_adapter].isnan().all() and d[:, ~covered].isnan().all(), "stored outside its rows and columns"
+        assert d[:, ~covered].isnan().all(), "stored outside the projections' columns"
+        assert (d[~has_adapter][:, covered] == 0).all() and (d_ref[~has_adapter][:, covered] == 0).all(), \
+            "a token without an adapter must store zeros"
         absent = torch.zeros_like(d_ref, dtype=torch.bool)
         for p, (off, n) in enumerate(zip(out_offsets, out_sizes)):
             absent[:, off:off + n] = (ap.ranks[slots.long().clamp(min=0), p] == 0)[:, None] & has_adapter[:, None]
