@@ -94,13 +94,13 @@ class ModelRunner:
         self.block_size = config.block_size
         # one page = one KV block (K and V, block_size tokens) per layer
         self.page_size = 2 * self.block_size * c.num_kv_heads * c.head_dim
+        self.out_sizes = {m: n_out for m, (_, n_out) in c.projection_shapes().items()}
         self.num_pages = self._num_pages()
         # one page more than the page manager hands out: the scratch page, which the decode graphs'
         # padding rows read and write and block tables are padded with; no request reads it
         self.pool = torch.zeros(self.num_pages + 1, c.num_layers, self.page_size, dtype=self.dtype,
                                 device=self.device)
         self.kv_caches = self._kv_views(self.pool)
-        self.out_sizes = {m: n_out for m, (_, n_out) in c.projection_shapes().items()}
         self.copy_stream = None  # side stream for adapter prefetch, made on first use
         # the latest step's sampled tokens on the device: the next step reads its pending tokens
         # (async scheduling) from here, by row; pinned host buffers for two steps in flight
