@@ -124,14 +124,17 @@ def prefill_step_time(engine: LLMEngine, num_tokens: int, lora_names: list[str |
     return statistics.median(times)
 
 
-def set_lora_schedule(engine: LLMEngine, schedule: str) -> None:
+def set_lora_schedule(engine: LLMEngine, schedule: str, carveout: int | None = None) -> None:
     """overlap: the LoRA on its own stream beside the base GEMM, deferred to the next op (the
-    engine's default); serial: on the main stream, added in place. The decode graphs captured
-    under the other schedule are dropped (the next step of each bucket captures its own)."""
+    engine's default); serial: on the main stream, added in place. ``carveout``: SMs that a GEMM
+    beside the LoRA stream leaves to it (Ops.lora_sm_carveout; None keeps the engine's). The decode
+    graphs captured under other settings are dropped (the next step of each bucket captures its own)."""
     ops = engine.runner.ops
     on = schedule != "serial"
-    if (ops.overlap_lora, ops.defer_lora) != (on, on):
+    carveout = ops.lora_sm_carveout if carveout is None else carveout
+    if (ops.overlap_lora, ops.defer_lora, ops.lora_sm_carveout) != (on, on, carveout):
         ops.overlap_lora = ops.defer_lora = on
+        ops.lora_sm_carveout = carveout
         if engine.runner.graphs is not None:
             engine.runner.graphs.recapture_lazily()
 
@@ -187,6 +190,9 @@ def main() -> None:
     ap.add_argument("--lora-schedule", default="overlap",
                     help="overlap (LoRA on its own stream beside the base GEMM, deferred to the next op: the "
                          "default), serial (in place, one stream), or overlap,serial (each LoRA row both ways)")
+    ap.add_argument("--lora-sm-carveout", default="",
+                    help="comma-separated SM counts that a GEMM beside the LoRA stream leaves to it (each decode "
+                         "LoRA row under each; default: the engine's)")
     ap.add_argument("--tiny", action="store_true", help="--shape tiny, batches 1,4, context 16, prefill 64 tokens, "
                     "on CUDA if there is one, else on the CPU (a smoke run: the figures mean nothing)")
     ap.add_argument("--kernels", default="auto", help="engine.json kernels: auto, triton (on a CPU with "
@@ -232,7 +238,10 @@ def main() -> None:
         decode_kernels = ["default"]  # the choice is made in this process: not for other ranks' kernels
         schedules = ["overlap"]
     # each LoRA row under each (kernel, schedule); the fused kernel has no schedule of its own
-    decode_choices = [k if k == "fused" else f"{k} {s}" for k in decode_kernels for s in schedules]
+    carveouts = [int(c) for c in args.lora_sm_carveout.split(",")] if args.lora_sm_carveout else [None]
+    default_carveout = runner.ops.lora_sm_carveout
+    decode_choices = [k if k == "fused" else f"{k} {s}" + ("" if c is None or s == "serial" else f" {c}")
+                      for k in decode_kernels for s in schedules for c in carveouts]
     decode_choices = list(dict.fromkeys(decode_choices))
 
     def adapter_bytes(name: str) -> int:  # one rank's shard
@@ -249,8 +258,10 @@ def main() -> None:
                     cases.append((f"{len(set(mixed))} adapters, {label}", mixed,
                                   sum(adapter_bytes(n) for n in set(mixed)), kernel))
         for label, names, a_bytes, kernel in cases:
-            tiles.lora_fused = choices.get(kernel.split()[0], choices["default"])
-            set_lora_schedule(engine, kernel.split()[-1])
+            words = kernel.split()
+            tiles.lora_fused = choices.get(words[0], choices["default"])
+            set_lora_schedule(engine, words[1] if len(words) > 1 else "overlap",
+                              int(words[2]) if len(words) > 2 else None)
             try:
                 engine.config.async_scheduling = False  # the same step without overlap, for comparison
                 sync_seconds, _ = decode_step_time(engine, batch, args.context, names, args.steps)
@@ -258,7 +269,7 @@ def main() -> None:
                 seconds, ctx = decode_step_time(engine, batch, args.context, names, args.steps)
             finally:
                 tiles.lora_fused = choices["default"]
-                set_lora_schedule(engine, "overlap")
+                set_lora_schedule(engine, "overlap", default_carveout)
             floor = (w_bytes + a_bytes + batch * ctx * kv_per_token) / bandwidth
             tps = batch / seconds
             lora_off_tps = lora_off_tps or tps  # the first case is LoRA off

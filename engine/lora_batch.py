@@ -161,7 +161,8 @@ class LoRABatch:
                 ops.lora_shrink(x, pool, layer, self, meta, z)
                 if delta is not None:
                     ops.lora_expand(z, pool, layer, self, meta, delta, accumulate=False)
-            y = ops.linear(x, weight, bias)
+            with ops.gemm_beside_lora(x.device):
+                y = ops.linear(x, weight, bias)
             main.wait_stream(self.stream)
         if delta is None:
             ops.lora_expand(z, pool, layer, self, meta, y)

@@ -5,6 +5,7 @@ The engine calls only these. ``Ops(use_kernels=False)`` forces the references on
 """
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,6 +35,8 @@ class Ops:
         # prefill-sized steps: the LoRA term as the base GEMM's addend (linear_plus) rather than added
         # into its output; the kernels only, so the references keep PEFT's rounding (LoRABatch.linear)
         self.lora_into_gemm = use_kernels
+        # SMs that a base GEMM beside the LoRA stream leaves free for the LoRA kernels (gemm_beside_lora)
+        self.lora_sm_carveout = 0
         self._lora_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._elementwise = reference  # the element-wise ops: these twins or kernels.elementwise (same API)
         if use_kernels:  # Triton modules are imported only when used (CPU runs stay Triton-free)
@@ -49,9 +52,10 @@ class Ops:
 
     @staticmethod
     def linear_plus(x: torch.Tensor, weight: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
-        """x W^T + addend in one GEMM: the addend [T, N] is read in the GEMM's epilogue and the sum
-        rounded once (cuBLAS with beta = 1), instead of a second pass over the output."""
-        return torch.addmm(addend, x, weight.t())
+        """x W^T + addend in one GEMM, written over the addend [T, N] (which the caller gives up): cuBLAS
+        reads it in the epilogue (beta = 1) and rounds the sum once, instead of a second pass over the
+        output. Into a new tensor, addmm would first copy the addend there (one more pass)."""
+        return torch.addmm(addend, x, weight.t(), out=addend)
 
     def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                      eps: float, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +85,26 @@ class Ops:
         if stream is None:
             stream = self._lora_streams[device] = torch.cuda.Stream(device, priority=-1)  # torch's high priority
         return stream
+
+    @contextlib.contextmanager
+    def gemm_beside_lora(self, device: torch.device):
+        """Around a base GEMM that runs beside the LoRA stream (captured in a decode graph): cuBLASLt
+        with a target of all SMs but ``lora_sm_carveout``. A cuBLAS GEMM at decode sizes takes every
+        SM with one CTA that fills its shared memory and registers, so LoRA programs launched beside
+        it wait for SMs until it ends; with SMs carved out they run beside it. Nothing changes at 0."""
+        carveout = self.lora_sm_carveout
+        if not carveout or device.type != "cuda":
+            yield
+            return
+        backend = torch.backends.cuda.preferred_blas_library()
+        previous = torch._C._get_sm_carveout_experimental()
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        torch._C._set_sm_carveout_experimental(carveout)
+        try:
+            yield
+        finally:
+            torch._C._set_sm_carveout_experimental(previous)
+            torch.backends.cuda.preferred_blas_library(backend)
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn: "AttentionMetadata",
                   scale: float, sliding_window: int | None) -> torch.Tensor:
