@@ -124,14 +124,15 @@ def prefill_step_time(engine: LLMEngine, num_tokens: int, lora_names: list[str |
     return statistics.median(times)
 
 
-def set_lora_schedule(engine: LLMEngine, schedule: str, carveout: int | None = None) -> None:
+def set_lora_schedule(engine: LLMEngine, schedule: str, carveout=...) -> None:
     """overlap: the LoRA on its own stream beside the base GEMM, deferred to the next op (the
     engine's default); serial: on the main stream, added in place. ``carveout``: SMs that a GEMM
-    beside the LoRA stream leaves to it (Ops.lora_sm_carveout; None keeps the engine's). The decode
-    graphs captured under other settings are dropped (the next step of each bucket captures its own)."""
+    beside the LoRA stream leaves to it (Ops.lora_sm_carveout: an int, or None for the engine's
+    choice; left out, unchanged). The decode graphs captured under other settings are dropped (the
+    next step of each bucket captures its own)."""
     ops = engine.runner.ops
     on = schedule != "serial"
-    carveout = ops.lora_sm_carveout if carveout is None else carveout
+    carveout = ops.lora_sm_carveout if carveout is ... else carveout
     if (ops.overlap_lora, ops.defer_lora, ops.lora_sm_carveout) != (on, on, carveout):
         ops.overlap_lora = ops.defer_lora = on
         ops.lora_sm_carveout = carveout
@@ -261,7 +262,7 @@ def main() -> None:
             words = kernel.split()
             tiles.lora_fused = choices.get(words[0], choices["default"])
             set_lora_schedule(engine, words[1] if len(words) > 1 else "overlap",
-                              int(words[2]) if len(words) > 2 else None)
+                              int(words[2]) if len(words) > 2 else default_carveout)
             try:
                 engine.config.async_scheduling = False  # the same step without overlap, for comparison
                 sync_seconds, _ = decode_step_time(engine, batch, args.context, names, args.steps)

@@ -430,6 +430,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time LoRA tile candidates first")
     parser.add_argument("--sweep-seconds", type=float, default=240.0)
     parser.add_argument("--sweep-only", action="store_true", help="with --sweep: no table after it")
+    parser.add_argument("--lora-only", action="store_true", help="the LoRA rows only (no attention rows)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA device")
@@ -445,6 +446,8 @@ def main() -> None:
         result["sweep"] = sweep(time.time() + args.sweep_seconds)
     jobs = [lambda c=c: bench_lora(c) for c in LORA_CASES] + [bench_meta] + \
            [lambda n=n: bench_decode(n) for n in (512, 1024, 4096)] + [bench_prefill]
+    if args.lora_only:
+        jobs = jobs[:len(LORA_CASES) + 1]
     if args.sweep and args.sweep_only:
         jobs = []
     for job in jobs:

@@ -161,7 +161,7 @@ class LoRABatch:
                 ops.lora_shrink(x, pool, layer, self, meta, z)
                 if delta is not None:
                     ops.lora_expand(z, pool, layer, self, meta, delta, accumulate=False)
-            with ops.gemm_beside_lora(x.device):
+            with ops.gemm_beside_lora(x.device, x.shape[0]):
                 y = ops.linear(x, weight, bias)
             main.wait_stream(self.stream)
         if delta is None:

@@ -35,8 +35,9 @@ class Ops:
         # prefill-sized steps: the LoRA term as the base GEMM's addend (linear_plus) rather than added
         # into its output; the kernels only, so the references keep PEFT's rounding (LoRABatch.linear)
         self.lora_into_gemm = use_kernels
-        # SMs that a base GEMM beside the LoRA stream leaves free for the LoRA kernels (gemm_beside_lora)
-        self.lora_sm_carveout = 0
+        # SMs that a base GEMM beside the LoRA stream leaves free for the LoRA kernels (gemm_beside_lora):
+        # None takes tiles.lora_sm_carveout's choice per step size, an int overrides it (bench/engine.py)
+        self.lora_sm_carveout: int | None = None
         self._lora_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._elementwise = reference  # the element-wise ops: these twins or kernels.elementwise (same API)
         if use_kernels:  # Triton modules are imported only when used (CPU runs stay Triton-free)
@@ -87,12 +88,13 @@ class Ops:
         return stream
 
     @contextlib.contextmanager
-    def gemm_beside_lora(self, device: torch.device):
-        """Around a base GEMM that runs beside the LoRA stream (captured in a decode graph): cuBLASLt
-        with a target of all SMs but ``lora_sm_carveout``. A cuBLAS GEMM at decode sizes takes every
-        SM with one CTA that fills its shared memory and registers, so LoRA programs launched beside
-        it wait for SMs until it ends; with SMs carved out they run beside it. Nothing changes at 0."""
-        carveout = self.lora_sm_carveout
+    def gemm_beside_lora(self, device: torch.device, num_tokens: int):
+        """Around a base GEMM of ``num_tokens`` rows that runs beside the LoRA stream (captured in a
+        decode graph): cuBLASLt with a target of all SMs but a carveout (``lora_sm_carveout``, else
+        tiles.lora_sm_carveout). A cuBLAS GEMM at decode sizes takes nearly every SM with one CTA that
+        fills its shared memory and registers, so LoRA programs launched beside it wait for SMs until
+        it ends; with SMs carved out they run beside it. A carveout of 0 changes nothing."""
+        carveout = tiles.lora_sm_carveout(num_tokens) if self.lora_sm_carveout is None else self.lora_sm_carveout
         if not carveout or device.type != "cuda":
             yield
             return

@@ -95,6 +95,16 @@ def elementwise_warps(block: int) -> int:
 PREFILL_SIZED_TOKENS = 512
 
 
+def lora_sm_carveout(num_tokens: int) -> int:
+    """SMs that a base GEMM of ``num_tokens`` rows in a decode graph leaves to the LoRA kernels
+    beside it (engine/ops.py gemm_beside_lora). Measured on the H200 (docs/BENCHMARKS.md, "The LoRA
+    stream's SMs"): at batch 64, 16 SMs took one rank-16 all-linear adapter from 0.85 to 0.89 of
+    LoRA-off throughput and left 64 distinct adapters as they were (bandwidth-bound); at batch 1, 16
+    changed nothing and 32 cost 6%. Larger steps are not measured, and their GEMMs come nearer to
+    compute-bound, so they keep every SM."""
+    return 16 if num_tokens <= 64 else 0
+
+
 def lora_block_m(num_tokens: int, on_gpu: bool = True) -> int:
     """Tokens per LoRA tile (tokens of one tile share an adapter). Decode-sized steps have few
     tokens per adapter, so small tiles; prefill-sized steps have long segments, so large ones."""
