@@ -93,9 +93,10 @@ class Ops:
         decode graph): cuBLASLt with a target of all SMs but a carveout (``lora_sm_carveout``, else
         tiles.lora_sm_carveout). A cuBLAS GEMM at decode sizes takes nearly every SM with one CTA that
         fills its shared memory and registers, so LoRA programs launched beside it wait for SMs until
-        it ends; with SMs carved out they run beside it. A carveout of 0 changes nothing."""
+        it ends; with SMs carved out they run beside it. A carveout of 0 changes nothing, nor does a
+        torch without the (experimental) carveout."""
         carveout = tiles.lora_sm_carveout(num_tokens) if self.lora_sm_carveout is None else self.lora_sm_carveout
-        if not carveout or device.type != "cuda":
+        if not carveout or device.type != "cuda" or not hasattr(torch._C, "_set_sm_carveout_experimental"):
             yield
             return
         backend = torch.backends.cuda.preferred_blas_library()
