@@ -101,6 +101,11 @@ class LoraCase:
     k: int
     out_sizes: tuple[int, ...]
     segment: int = 0  # > 0: prefill, tokens in runs of this length (SGMV); 0: decode order (BGMV)
+    r_max: int = 0  # > 0: z's R_MAX (the kernels' rank bound) above the adapters' rank, as in the decode graphs
+
+    @property
+    def rank_bound(self) -> int:
+        return self.r_max or self.rank
 
 
 class LoraSetup:
@@ -145,7 +150,7 @@ class LoraSetup:
                 a_offsets=self.a_offsets[rows], b_offsets=self.b_offsets[rows], scales=self.scales[rows],
                 x=torch.randn(case.num_tokens, case.k, device=DEVICE, dtype=DTYPE, generator=gen),
                 y=torch.randn(case.num_tokens, n_total, device=DEVICE, dtype=DTYPE, generator=gen),
-                z=torch.empty(case.num_tokens, num_proj, case.rank, device=DEVICE),
+                z=torch.empty(case.num_tokens, num_proj, case.rank_bound, device=DEVICE),
                 meta=LoRAStepMeta.build(token_slots, case.num_adapters, block_m),
                 global_slots=token_slots.long() + rot * case.num_adapters,
                 host_slots=[slot + rot * case.num_adapters for slot in slots],
@@ -177,7 +182,7 @@ class LoraSetup:
 
     def fused(self, s, config=None):
         lora_fused(s["x"], self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["a_offsets"], s["b_offsets"],
-                   s["scales"], s["y"], self.out_offsets, list(self.case.out_sizes), self.case.rank, meta=s["meta"],
+                   s["scales"], s["y"], self.out_offsets, list(self.case.out_sizes), self.case.rank_bound, meta=s["meta"],
                    config=config)
 
     def torch_reference(self, s):
@@ -224,6 +229,12 @@ LORA_CASES = [
     LoraCase("bgmv down 11008->4096 T=1 1 adapter r16", 1, 1, 16, 11008, (4096,)),
     LoraCase("sgmv up T=2048 seg128 16 adapters r16", 2048, 16, 16, 4096, (11008,), segment=128),
     LoraCase("sgmv up T=2048 seg128 16 adapters r64", 2048, 16, 64, 4096, (11008,), segment=128),
+    # the decode graphs' kernels: R_MAX = max_lora_rank (64 by default) over rank-16 adapters, batch 64
+    LoraCase("graph bgmv qkv T=64 64 adapters r16 R_MAX 64", 64, 64, 16, 4096, (4096, 4096, 4096), r_max=64),
+    LoraCase("graph bgmv gate_up T=64 64 adapters r16 R_MAX 64", 64, 64, 16, 4096, (11008, 11008), r_max=64),
+    LoraCase("graph bgmv down T=64 64 adapters r16 R_MAX 64", 64, 64, 16, 11008, (4096,), r_max=64),
+    LoraCase("bgmv qkv T=64 64 adapters r16", 64, 64, 16, 4096, (4096, 4096, 4096)),
+    LoraCase("bgmv down T=64 64 adapters r16", 64, 64, 16, 11008, (4096,)),
 ]
 # vLLM 0.33 on the same H100 (TOOLCHAIN.md), us for shrink + expand of one projection
 VLLM_US = {"bgmv up 4096->11008 T=64 64 adapters r16": 71.2, "bgmv up 4096->11008 T=128 64 adapters r16": 73.5,
@@ -431,6 +442,7 @@ def main() -> None:
     parser.add_argument("--sweep-seconds", type=float, default=240.0)
     parser.add_argument("--sweep-only", action="store_true", help="with --sweep: no table after it")
     parser.add_argument("--lora-only", action="store_true", help="the LoRA rows only (no attention rows)")
+    parser.add_argument("--match", default="", help="only the LoRA cases whose name contains this (implies --lora-only)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs a CUDA device")
@@ -446,8 +458,8 @@ def main() -> None:
         result["sweep"] = sweep(time.time() + args.sweep_seconds)
     jobs = [lambda c=c: bench_lora(c) for c in LORA_CASES] + [bench_meta] + \
            [lambda n=n: bench_decode(n) for n in (512, 1024, 4096)] + [bench_prefill]
-    if args.lora_only:
-        jobs = jobs[:len(LORA_CASES) + 1]
+    if args.lora_only or args.match:
+        jobs = [lambda c=c: bench_lora(c) for c in LORA_CASES if args.match in c.name]
     if args.sweep and args.sweep_only:
         jobs = []
     for job in jobs:

@@ -7,11 +7,12 @@ import torch
 bench_kernels = pytest.importorskip("bench.kernels")
 
 
-@pytest.mark.parametrize("segment", [0, 4], ids=["decode", "prefill"])
-def test_bench_lora_setup_matches_its_reference(monkeypatch, segment):
+@pytest.mark.parametrize("segment,r_max", [(0, 0), (4, 0), (0, 16)], ids=["decode", "prefill", "decode_rank_bound"])
+def test_bench_lora_setup_matches_its_reference(monkeypatch, segment, r_max):
+    """r_max: z's rank bound above the adapters' rank, as the decode graphs run the kernels."""
     monkeypatch.setattr(bench_kernels, "DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setattr(bench_kernels, "DTYPE", torch.float32)
-    case = bench_kernels.LoraCase("tiny", 9, 3, 4, 64, (32, 16), segment=segment)
+    case = bench_kernels.LoraCase("tiny", 9, 3, 4, 64, (32, 16), segment=segment, r_max=r_max)
     setup = bench_kernels.LoraSetup(case)
     assert setup.max_error() < 1e-4
     assert setup.max_error(fused=True) < 1e-4
