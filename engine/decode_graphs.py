@@ -5,9 +5,11 @@ eagerly instead): padding rows read and write only the pool's scratch page and u
 Every per-step input (token ids, positions, KV slots, block tables, LoRA slots, page tables,
 ranks, offsets, scales) is written into an InputArena, whose device buffers never move, so one
 captured graph serves any mix of sequences and adapters.
-A bucket has a graph per set of projection groups that the step's adapters touch (none,
-attention only and all are captured at start, others when first needed), so a step launches no
-LoRA kernel for a group that none of its adapters has. With ``capture=False`` the same buffers
+A bucket has a graph per set of projection groups that the step's adapters touch and per rank
+bound (tiles.lora_rank_bound: the BLOCK_R class of the step's largest rank), so a step launches no
+LoRA kernel for a group that none of its adapters has, and rank-16 adapters run the kernels of
+rank 16, not of max_lora_rank. None, attention only and all groups are captured at start for every
+rank bound, other sets when first needed (or by the warm-up). With ``capture=False`` the same buffers
 run eagerly: the CPU twin that tests the padding and tables.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from engine.lora_batch import GROUPS, GroupMeta, LoRABatch, group_layout
 from engine.model import AttentionMetadata
 from engine.step_inputs import StepInputs
+from kernels import tiles
 
 logger = logging.getLogger("multilora")
 
@@ -115,8 +118,9 @@ class DecodeGraphs:
         self.arena.upload(self.arena.device_bytes.numel())
         self.query_start_loc = torch.arange(size + 1, dtype=i32, device=dev)
         self.logits_indices = torch.arange(size, dtype=i64, device=dev)
-        # (bucket, projection groups with LoRA) -> (graph, its logits buffer)
-        self.graphs: dict[tuple[int, frozenset[str]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (bucket, projection groups with LoRA, rank bound; 0 without LoRA) -> (graph, its logits buffer)
+        self.graphs: dict[tuple[int, frozenset[str], int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.rank_bounds = sorted({tiles.lora_rank_bound(r, max_lora_rank) for r in range(1, max_lora_rank + 1)})
         self.mempool = None
         self._retired: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = []
 
@@ -151,25 +155,26 @@ class DecodeGraphs:
         for row, table in enumerate(step.block_tables):
             block_tables[row, :len(table)] = table
         block_tables[n:b] = self.scratch_page
-        lora = self._fill_lora(b, step) if step.adapter_pages else frozenset()
+        lora, bound = self._fill_lora(b, step) if step.adapter_pages else (frozenset(), 0)
         self.arena.upload(self.arena.end_of("block_tables", b))
         if not self.capture:
-            return self._forward(b, lora)[:n]
-        if (b, lora) not in self.graphs:
-            self._capture(b, lora)
-        graph, logits = self.graphs[b, lora]
+            return self._forward(b, lora, bound)[:n]
+        if (b, lora, bound) not in self.graphs:
+            self._capture(b, lora, bound)
+        graph, logits = self.graphs[b, lora, bound]
         graph.replay()
         return logits[:n]
 
-    def _fill_lora(self, b: int, step: StepInputs) -> frozenset[str]:
-        """Write the LoRA tables; returns the groups that some adapter of the step has."""
+    def _fill_lora(self, b: int, step: StepInputs) -> tuple[frozenset[str], int]:
+        """Write the LoRA tables; returns the groups that some adapter of the step has, and the
+        step's rank bound (0 when none has any)."""
         host = self.arena.host
         n = len(step.token_slots)
         host["token_slots"][:n] = step.token_slots
         host["token_slots"][n:b] = -1
         for row, pages in enumerate(step.adapter_pages):
             host["page_tables"][row, :len(pages)] = pages
-        present = []
+        present, max_rank = [], 0
         for group, (ranks, a_off, b_off, scales) in step.lora_groups.items():
             rows = len(ranks)
             host[f"{group}.ranks"][:rows] = ranks
@@ -177,11 +182,13 @@ class DecodeGraphs:
             host[f"{group}.a_offsets"][:rows] = a_off
             host[f"{group}.b_offsets"][:rows] = b_off
             host[f"{group}.scales"][:rows] = scales
-            if any(any(row) for row in ranks):
+            group_max = max((max(row) for row in ranks), default=0)
+            if group_max:
                 present.append(group)
-        return frozenset(present)
+                max_rank = max(max_rank, group_max)
+        return frozenset(present), tiles.lora_rank_bound(max_rank, self.max_lora_rank) if present else 0
 
-    def _forward(self, b: int, lora: frozenset[str]) -> torch.Tensor:
+    def _forward(self, b: int, lora: frozenset[str], bound: int) -> torch.Tensor:
         runner, dev = self.runner, self.arena.device
         attn = AttentionMetadata(positions=dev["positions"][:b], slot_mapping=dev["slot_mapping"][:b],
                                  query_start_loc=self.query_start_loc[:b + 1], seq_lens=dev["seq_lens"][:b],
@@ -193,7 +200,7 @@ class DecodeGraphs:
                 offsets, sizes = group_layout(group, runner.out_sizes)
                 groups[group] = GroupMeta(dev[f"{group}.ranks"][:b], dev[f"{group}.a_offsets"][:b],
                                           dev[f"{group}.b_offsets"][:b], dev[f"{group}.scales"][:b], offsets, sizes,
-                                          self.max_lora_rank)
+                                          bound)
             batch = LoRABatch(runner.ops, dev["token_slots"][:b], dev["page_tables"][:b], groups)
         else:
             batch = LoRABatch(runner.ops, None, None, {})
@@ -216,11 +223,13 @@ class DecodeGraphs:
         if not self.capture:
             return
         for b in self.buckets:
-            for lora in (frozenset(), frozenset(("qkv", "o")), frozenset(GROUPS)):
-                self._capture(b, lora)
+            self._capture(b, frozenset(), 0)
+            for lora in (frozenset(("qkv", "o")), frozenset(GROUPS)):
+                for bound in self.rank_bounds:
+                    self._capture(b, lora, bound)
         torch.cuda.synchronize(self.runner.device)
 
-    def _capture(self, b: int, lora: frozenset[str]) -> None:
+    def _capture(self, b: int, lora: frozenset[str], bound: int) -> None:
         """Warm up (compiles the Triton kernels) on a side stream, then capture.
 
         ``thread_local``: CUDA calls of other threads (the Python backend's own, a pinned-memory
@@ -228,12 +237,12 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.runner.device)
         stream.wait_stream(torch.cuda.current_stream(self.runner.device))
         with torch.cuda.stream(stream):
-            self._forward(b, lora)
+            self._forward(b, lora, bound)
         torch.cuda.current_stream(self.runner.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool, capture_error_mode="thread_local"):
-            logits = self._forward(b, lora)
+            logits = self._forward(b, lora, bound)
         self.mempool = graph.pool()
-        self.graphs[b, lora] = (graph, logits)
-        logger.info("captured the decode graph of batch bucket %d (LoRA on: %s)", b,
-                    ", ".join(sorted(lora)) or "none")
+        self.graphs[b, lora, bound] = (graph, logits)
+        logger.info("captured the decode graph of batch bucket %d (LoRA on: %s%s)", b,
+                    ", ".join(sorted(lora)) or "none", f"; ranks up to {bound}" if lora else "")

@@ -42,7 +42,7 @@ class EngineShape:
     groups: dict[str, tuple[int, int, int]]
     group_modules: dict[str, tuple[str, ...]]
     graph_buckets: tuple[int, ...] = ()  # empty without decode graphs
-    captured: frozenset = frozenset()  # (bucket, groups) pairs whose graph exists already
+    captured: frozenset = frozenset()  # (bucket, groups, rank bound) keys whose graph exists already
     eager_decode_sizes: tuple[int, ...] = ()  # decode batch sizes that run without a graph
 
 
@@ -192,7 +192,7 @@ def plan_warmup(shape: EngineShape) -> WarmupPlan:
     adapters = list(by_groups.values()) + [AdapterSpec(f"warmup-r{r}-all", r, every.modules) for r in ranks[1:]]
     plan = WarmupPlan(adapters, [])
     _prefill_jobs(shape, plan, every)
-    _graph_jobs(shape, plan, by_groups)
+    _graph_jobs(shape, plan, by_groups, {r: f"warmup-r{r}-all" for r in ranks[1:]})
     witnesses, unreached = eager_decode_witnesses(shape)
     plan.num_unreached += unreached
     for num_seqs, ctx in witnesses:
@@ -231,16 +231,25 @@ def _prefill_jobs(shape: EngineShape, plan: WarmupPlan, every: AdapterSpec) -> N
         jobs.append(Job(f"chunked prefill of {chunked} tokens", requests([chunked], [every.name], 2)))
 
 
-def _graph_jobs(shape: EngineShape, plan: WarmupPlan, by_groups: dict[frozenset, AdapterSpec]) -> None:
+def _graph_jobs(shape: EngineShape, plan: WarmupPlan, by_groups: dict[frozenset, AdapterSpec],
+                larger_ranks: dict[int, str]) -> None:
+    """A decode step per bucket and graph key not captured yet: every group set with the smallest
+    rank class (by_groups' adapters), and every group at once with each larger class (larger_ranks:
+    rank -> adapter name); other sets at larger ranks are captured when first needed."""
+    smallest = min(spec.rank for spec in by_groups.values())
+    keys = [(frozenset(), 0, None)] + [(lora, tiles.lora_rank_bound(smallest, shape.max_lora_rank), spec.name)
+                                       for lora, spec in by_groups.items()]
+    every = frozenset(shape.group_modules)
+    keys += [(every, tiles.lora_rank_bound(rank, shape.max_lora_rank), name) for rank, name in larger_ranks.items()]
+    keys = list({(lora, bound): (lora, bound, name) for lora, bound, name in reversed(keys)}.values())[::-1]
     below = 0
     for bucket in shape.graph_buckets:
         # the largest decode step the bucket serves; none if no larger than the bucket below
         num_seqs = min(bucket, shape.max_num_seqs, shape.max_num_batched_tokens)
         if num_seqs > below:
-            for lora in [frozenset()] + list(by_groups):
-                if (bucket, lora) not in shape.captured:
-                    first = by_groups[lora].name if lora else None
+            for lora, bound, first in keys:
+                if (bucket, lora, bound) not in shape.captured:
                     plan.jobs.append(Job(f"decode graph of bucket {bucket} ({num_seqs} sequences), LoRA on "
-                                         f"{', '.join(sorted(lora)) or 'none'}",
+                                         f"{', '.join(sorted(lora)) or 'none'}" + (f", ranks up to {bound}" if lora else ""),
                                          tuple(Request(1, 2, first if i == 0 else None) for i in range(num_seqs))))
         below = bucket

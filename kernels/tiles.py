@@ -137,6 +137,15 @@ def expand_block_r(max_rank: int) -> int:
     return max(MIN_DOT, next_pow2(max_rank))
 
 
+def lora_rank_bound(max_rank: int, max_lora_rank: int) -> int:
+    """R_MAX of a decode graph's LoRA kernels for a step whose largest rank is ``max_rank``: that
+    rank's BLOCK_R class, at most max_lora_rank (engine/decode_graphs.py keys its graphs by it). With
+    max_lora_rank itself, rank-16 adapters ran binaries of BLOCK_R 32 (shrink) and 64 (expand): on
+    the H200 the split pair took 1.55 to 1.7 times as long as at R_MAX 16, at batch 64 over 64 adapters
+    (bench/kernels.py's "graph" rows)."""
+    return min(expand_block_r(max_rank), max_lora_rank)
+
+
 def expand_tiles(max_tiles: int, max_n: int, num_proj: int, page_size: int, block_m: int, num_sms: int,
                  on_gpu: bool = True) -> ExpandTiles:
     if not on_gpu:

@@ -94,10 +94,13 @@ def test_requests_through_the_process_and_its_logs():
         assert "max_tokens" in str(collector.outputs["too_long"][-1].error)
         # the engine's own log lines came across, with their levels
         assert any("pool of" in m for _, m in collector.logs), collector.logs
+        # stats come every 0.1 s; until the first arrives the client holds empty ones (all zeros),
+        # which a loaded machine showed once: wait for a snapshot taken after the steps
         deadline = time.monotonic() + 5
-        while client.stats().num_running and time.monotonic() < deadline:  # stats come every 0.1 s
-            time.sleep(0.05)
         stats = client.stats()
+        while (stats.num_running or not stats.steps_total) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            stats = client.stats()
         assert stats.steps_total > 0 and stats.num_running == 0 and stats.num_kv_blocks_used == 0
     finally:
         client.shutdown()

@@ -75,3 +75,50 @@ def test_decode_batches_above_the_largest_bucket_keep_outputs(model):
     assert num_graph_steps == sum(n <= BUCKETS[-1] for n in sizes) > 0
     assert got == expected
     assert all(len(ids) == 2 + int(rid[1:]) % 5 for rid, ids in got.items())
+
+
+def test_graph_steps_run_the_kernels_of_their_largest_rank(tmp_path):
+    """The decode graphs key their LoRA by rank bound (tiles.lora_rank_bound): a step of rank-4 adapters
+    runs R_MAX 16, one that also has a rank-40 adapter R_MAX 64 (max_lora_rank), with the tokens of the
+    engine without graphs."""
+    base = write_checkpoint(str(tmp_path / "base"), "llama_gqa", num_hidden_layers=1, hidden_size=64,
+                            intermediate_size=48)
+    shapes = ModelConfig.from_dir(base).projection_shapes()
+    adapters = {"small": write_raw_adapter(str(tmp_path / "small"), 1, shapes, 4, ["q_proj", "down_proj"], seed=1),
+                "large": write_raw_adapter(str(tmp_path / "large"), 1, shapes, 40, ["v_proj", "up_proj"], seed=2)}
+
+    def generate(decode_graphs, names):
+        engine = LLMEngine(EngineConfig(model=base, num_pages=256, block_size=4, max_num_seqs=8, dtype="float32",
+                                        max_lora_rank=64, decode_graphs=decode_graphs), adapters)
+        bounds, in_graph = [], []  # R_MAX of the shrinks that graph steps launch
+        shrink, graphs = engine.runner.ops.lora_shrink, engine.runner.graphs
+
+        def recording_shrink(x, pool, layer, lora, group, z):
+            if in_graph:
+                bounds.append(z.shape[2])
+            return shrink(x, pool, layer, lora, group, z)
+        engine.runner.ops.lora_shrink = recording_shrink
+        if graphs is not None:
+            graph_run = graphs.run
+
+            def flagged_run(step):
+                in_graph.append(True)
+                try:
+                    return graph_run(step)
+                finally:
+                    in_graph.pop()
+            graphs.run = flagged_run
+        for i, name in enumerate(names):
+            params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+            engine.add(engine.make_sequence(f"r{i}", None, [1, 5 + i, 9, 13 + i], params, name))
+        tokens = {}
+        while engine.has_work():
+            for out in engine.step():
+                tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        return tokens, set(bounds)
+
+    for names, bound in ((["small", None, "small"], 16), (["small", "large", None, "large"], 64)):
+        eager, _ = generate("off", names)
+        got, bounds = generate("static", names)
+        assert got == eager
+        assert bounds == {bound}, names

@@ -267,7 +267,10 @@ def test_the_plan_for_a_7b_model_on_the_h200():
     h, inter = 4096, 11008
     groups = {"qkv": (h, 3, h), "o": (h, 1, h), "gate_up": (h, 2, inter), "down": (inter, 1, h)}
     buckets = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    captured = frozenset((b, g) for b in buckets for g in (frozenset(), frozenset(("qkv", "o")), frozenset(GROUPS)))
+    # what DecodeGraphs.capture_all captures: no LoRA, and two group sets at every rank bound
+    captured = frozenset([(b, frozenset(), 0) for b in buckets] +
+                         [(b, g, bound) for b in buckets for g in (frozenset(("qkv", "o")), frozenset(GROUPS))
+                          for bound in (16, 32, 64)])
     shape = EngineShape(on_gpu=True, num_sms=H200_SMS, page_size=2 * 16 * 32 * 128, block_size=16,
                         max_model_len=4096, max_num_seqs=256, max_num_batched_tokens=2048, max_lora_rank=64,
                         num_kv_heads=32, head_dim=128, groups=groups, group_modules=dict(GROUPS),
