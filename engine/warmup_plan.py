@@ -189,10 +189,10 @@ def plan_warmup(shape: EngineShape) -> WarmupPlan:
                                 tuple(m for name in groups if name in g for m in groups[name]))
                  for g in group_sets(groups)}
     every = by_groups[frozenset(groups)]
-    adapters = list(by_groups.values()) + [AdapterSpec(f"warmup-r{r}-all", r, every.modules) for r in ranks[1:]]
-    plan = WarmupPlan(adapters, [])
+    larger = [AdapterSpec(f"warmup-r{r}-all", r, every.modules) for r in ranks[1:]]
+    plan = WarmupPlan(list(by_groups.values()) + larger, [])
     _prefill_jobs(shape, plan, every)
-    _graph_jobs(shape, plan, by_groups, {r: f"warmup-r{r}-all" for r in ranks[1:]})
+    _graph_jobs(shape, plan, by_groups, larger)
     witnesses, unreached = eager_decode_witnesses(shape)
     plan.num_unreached += unreached
     for num_seqs, ctx in witnesses:
@@ -232,22 +232,20 @@ def _prefill_jobs(shape: EngineShape, plan: WarmupPlan, every: AdapterSpec) -> N
 
 
 def _graph_jobs(shape: EngineShape, plan: WarmupPlan, by_groups: dict[frozenset, AdapterSpec],
-                larger_ranks: dict[int, str]) -> None:
+                larger: list[AdapterSpec]) -> None:
     """A decode step per bucket and graph key not captured yet: every group set with the smallest
-    rank class (by_groups' adapters), and every group at once with each larger class (larger_ranks:
-    rank -> adapter name); other sets at larger ranks are captured when first needed."""
-    smallest = min(spec.rank for spec in by_groups.values())
-    keys = [(frozenset(), 0, None)] + [(lora, tiles.lora_rank_bound(smallest, shape.max_lora_rank), spec.name)
-                                       for lora, spec in by_groups.items()]
+    rank class (by_groups' adapters), and every group at once with each larger class (``larger``,
+    adapters of all groups); other sets at larger ranks are captured when first needed."""
     every = frozenset(shape.group_modules)
-    keys += [(every, tiles.lora_rank_bound(rank, shape.max_lora_rank), name) for rank, name in larger_ranks.items()]
-    keys = list({(lora, bound): (lora, bound, name) for lora, bound, name in reversed(keys)}.values())[::-1]
+    first_adapter = {(frozenset(), 0): None}  # graph key (groups, rank bound) -> the adapter that reaches it
+    for lora, spec in [*by_groups.items(), *((every, spec) for spec in larger)]:
+        first_adapter.setdefault((lora, tiles.lora_rank_bound(spec.rank, shape.max_lora_rank)), spec.name)
     below = 0
     for bucket in shape.graph_buckets:
         # the largest decode step the bucket serves; none if no larger than the bucket below
         num_seqs = min(bucket, shape.max_num_seqs, shape.max_num_batched_tokens)
         if num_seqs > below:
-            for lora, bound, first in keys:
+            for (lora, bound), first in first_adapter.items():
                 if (bucket, lora, bound) not in shape.captured:
                     plan.jobs.append(Job(f"decode graph of bucket {bucket} ({num_seqs} sequences), LoRA on "
                                          f"{', '.join(sorted(lora)) or 'none'}" + (f", ranks up to {bound}" if lora else ""),
