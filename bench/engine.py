@@ -213,11 +213,14 @@ def main() -> None:
     bandwidth = copy_bandwidth("cuda" if on_gpu else "cpu", (1 << 30) if on_gpu else (64 << 20))
     model_dir = write_model_dir(tempfile.mkdtemp(), SHAPES[args.shape])
     size = args.tensor_parallel_size
+    started = time.perf_counter()
     engine = LLMEngine(EngineConfig(model=model_dir, load_format="dummy", dtype="float16" if on_gpu else "float32",
                                     max_num_seqs=16 if args.tiny else 256, max_num_batched_tokens=8192,
                                     gpu_memory_utilization=0.9, max_host_adapter_bytes=64 << 30,
                                     tensor_parallel_size=size, fully_sharded_loras=args.fully_sharded_loras,
                                     kernels=args.kernels))
+    startup_s = time.perf_counter() - started  # weights, the memory profile, the warm-up's compiles and captures
+    print(f"engine start-up: {startup_s:.1f} s", flush=True)
     mc, runner = engine.model_config, engine.runner
     batches = [int(b) for b in args.batches.split(",")]
     prefill = not args.no_prefill
@@ -285,7 +288,7 @@ def main() -> None:
     mode = "fully sharded" if args.fully_sharded_loras else "default"
     header = (f"device: {device_name()} x {size} (shape {args.shape}, LoRA sharding {mode}); copy bandwidth of one "
               f"device measured in this run: {bandwidth / 1e12:.3f} TB/s (the floor divides by it); "
-              f"command: PYTHONPATH=. python {' '.join(sys.argv)}")
+              f"engine start-up {startup_s:.1f} s; command: PYTHONPATH=. python {' '.join(sys.argv)}")
     print(f"\n{header}\n\n| batch | case | LoRA kernels | step ms | fraction of floor | LoRA-on / LoRA-off throughput |\n"
           f"| ---: | --- | --- | ---: | ---: | ---: |")
     for r in rows:
@@ -301,7 +304,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"device": device_name(), "tensor_parallel_size": size, "shape": args.shape,
                        "fully_sharded_loras": args.fully_sharded_loras, "copy_bandwidth_bytes_per_s": bandwidth,
-                       "command": header, "rows": rows, "prefill_rows": prefill_table}, f, indent=1)
+                       "startup_s": startup_s, "command": header, "rows": rows, "prefill_rows": prefill_table}, f, indent=1)
     engine.runner.close()
 
 

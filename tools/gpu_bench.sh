@@ -18,8 +18,8 @@
 #                                # Triton until its first token (target <= 1 s); carry .whl
 #   tools/gpu_bench.sh kernels   # the LoRA kernel tests compiled (every dtype, real shapes), bench/kernels.py
 #   tools/gpu_bench.sh sweep     # bench/kernels.py --sweep: lora_fused (then shrink, expand) tile candidates
-#   tools/gpu_bench.sh final     # fp16 fidelity and the CUDA LoRA tests, bench/engine.py at BATCHES (default 1,32,64)
-#                                # with prefill, bench/kernels.py --lora-only
+#   tools/gpu_bench.sh final     # bench/engine.py at BATCHES (default 1,32,64) with prefill, bench/kernels.py
+#                                # --lora-only, then fp16 fidelity and the CUDA LoRA tests
 #   tools/gpu_bench.sh trace     # the LoRA kernel tests on CUDA, tools/trace_step.py (kernel and stream timelines of
 #                                # decode graphs and prefill steps), bench/engine.py at BATCHES (default 64) with prefill
 #
@@ -117,11 +117,12 @@ case "${1:-}" in
         step 170 trace python tools/trace_step.py ${CASES:+--cases "$CASES"} --out "$OUT"
         step 240 engine python bench/engine.py --batches "${BATCHES:-64}" --json "$OUT/bench_engine_h200.json"
         ;;
-    final)  # the LoRA-kernel issue's figures in one call: fp16 fidelity and the CUDA LoRA tests, bench/engine.py, bench/kernels.py
-        step 170 gpu_tests python -m pytest -q -x tests/fidelity/test_gpu_fp16.py tests/unit/test_lora_deferred.py \
-            tests/unit/test_decode_graphs.py -p no:cacheprovider -rs -s
+    final)  # the LoRA-kernel issue's figures in one call: bench/engine.py, bench/kernels.py, then fp16 fidelity and
+            # the CUDA LoRA tests with the time left (TESTS_LIMIT)
         step 270 engine python bench/engine.py --batches "${BATCHES:-1,32,64}" --json "$OUT/bench_engine_h200.json"
         step 130 kernels python bench/kernels.py --lora-only --json "$OUT/bench_kernels_h200.json"
+        step "${TESTS_LIMIT:-180}" gpu_tests python -m pytest -q tests/fidelity/test_gpu_fp16.py \
+            tests/unit/test_lora_deferred.py tests/unit/test_decode_graphs.py -p no:cacheprovider -rs -s
         ;;
     warmstart)
         step 500 warm_start python tools/check_warm_start.py --compare --json "$OUT/warm_start_h200.json"
