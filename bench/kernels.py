@@ -431,6 +431,86 @@ def sweep(deadline: float) -> list[dict]:
     return rows
 
 
+# the decode graphs' LoRA launches (engine/lora_batch.py): batch 64 over 64 rank-16 adapters and batch 1 over
+# one, z at the rank bound 16, the expand storing the deferred delta; and the target row of the kernel table
+DECODE_SWEEP_CASES = [
+    (LoraCase("qkv T=64 64 adapters r16", 64, 64, 16, 4096, (4096, 4096, 4096)), False),
+    (LoraCase("o T=64 64 adapters r16", 64, 64, 16, 4096, (4096,)), False),
+    (LoraCase("gate_up T=64 64 adapters r16", 64, 64, 16, 4096, (11008, 11008)), False),
+    (LoraCase("down T=64 64 adapters r16", 64, 64, 16, 11008, (4096,)), False),
+    (LoraCase("qkv T=64 64 adapters r8 (R_MAX 16)", 64, 64, 8, 4096, (4096, 4096, 4096), r_max=16), False),
+    (LORA_CASES[1], True),
+    (LoraCase("qkv T=1 1 adapter r16", 1, 1, 16, 4096, (4096, 4096, 4096)), False),
+    (LoraCase("gate_up T=1 1 adapter r16", 1, 1, 16, 4096, (11008, 11008)), False),
+    (LoraCase("down T=1 1 adapter r16", 1, 1, 16, 11008, (4096,)), False),
+    # prefill: 2,048 tokens over 16 rank-16 adapters, the expand storing the base GEMM's addend
+    (LoraCase("qkv T=2048 seg128 16 adapters r16", 2048, 16, 16, 4096, (4096, 4096, 4096), segment=128), False),
+    (LoraCase("gate_up T=2048 seg128 16 adapters r16", 2048, 16, 16, 4096, (11008, 11008), segment=128), False),
+    (LoraCase("down T=2048 seg128 16 adapters r16", 2048, 16, 16, 11008, (4096,), segment=128), False),
+]
+
+
+def sweep_decode(deadline: float) -> list[dict]:
+    """Decode LoRA tiles over a grid: lora_shrink (BLOCK_K, warps) x split_k and lora_expand (BLOCK_N, warps) x
+    column blocks per program, per case of DECODE_SWEEP_CASES, and the z memset that split_k > 1 costs; prints
+    each case's default and best five."""
+    rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for case, accumulate in DECODE_SWEEP_CASES:
+        if time.time() > deadline:
+            break
+        if case.segment:  # prefill tiles of 64 tokens
+            shrink_shapes, splits = [(32, 4), (64, 4), (64, 8), (128, 8)], (1, 2, 4)
+            expand_shapes, chunks_choices = [(64, 4), (128, 4), (128, 8), (256, 8)], (1, 2, 4, 8)
+        else:
+            shrink_shapes, splits = [(64, 2), (64, 4), (128, 2), (128, 4), (128, 8), (256, 4), (256, 8)], \
+                (1, 2, 3, 4, 6, 8, 12, 16)
+            expand_shapes = [(64, 2), (64, 4), (128, 4), (128, 8), (256, 4), (256, 8)]
+            chunks_choices = (1, 2, 3, 4, 6, 8, 12)
+        setup = LoraSetup(case)
+        meta = setup.sets[0]["meta"]
+        num_proj = len(case.out_sizes)
+        block_r = tiles.shrink_tiles(meta.max_tiles, case.k, case.rank_bound, num_proj, PAGE, meta.block_m, sms).block_r
+        default_s = tiles.shrink_tiles(meta.max_tiles, case.k, case.rank_bound, num_proj, PAGE, meta.block_m, sms)
+        default_e = tiles.expand_tiles(meta.max_tiles, max(case.out_sizes), num_proj, PAGE, meta.block_m, sms)
+
+        def expand(s, c):
+            lora_expand(s["z"], setup.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["b_offsets"],
+                        s["scales"], s["y"], setup.out_offsets, list(case.out_sizes), meta=s["meta"], config=c,
+                        accumulate=accumulate)
+
+        def timed(kind, config, fn):
+            try:
+                us = time_graph([lambda s=s: fn(s, config) for s in setup.sets], replays=20) * 1e6
+            except Exception as e:  # a candidate that does not compile or run is reported, not fatal
+                us = None
+                print(f"sweep-decode {case.name} {kind} {config}: {repr(e)[:160]}", flush=True)
+            rows.append(dict(case=case.name, kind=kind, config=dataclasses.asdict(config), us=us,
+                             default=config in (default_s, default_e)))
+
+        memset = time_graph([lambda s=s: s["z"].zero_() for s in setup.sets], replays=20) * 1e6
+        rows.append(dict(case=case.name, kind="z memset", config=None, us=memset, default=False))
+        candidates = [default_s] + [tiles.ShrinkTiles(bk, block_r, split, w, 3) for bk, w in shrink_shapes
+                                    for split in splits if split <= tiles.cdiv(case.k, bk)]
+        for c in dict.fromkeys(candidates):
+            if time.time() < deadline:
+                timed("shrink", c, setup.shrink)
+        candidates = [default_e] + [tiles.ExpandTiles(bn, chunks, w, 3) for bn, w in expand_shapes
+                                    for chunks in chunks_choices]
+        for c in dict.fromkeys(candidates):
+            if time.time() < deadline:
+                timed("expand", c, expand)
+        for kind in ("shrink", "expand"):
+            mine = sorted((r for r in rows if r["case"] == case.name and r["kind"] == kind and r["us"] is not None),
+                          key=lambda r: r["us"])
+            base = next((r["us"] for r in mine if r["default"]), None)
+            print(f"sweep-decode {case.name} | {kind} | default {fmt(base, '.1f')} us | z memset {memset:.1f} us | best: "
+                  + "; ".join(f"{r['us']:.1f} {tuple(r['config'].values())}" for r in mine[:5]), flush=True)
+        del setup
+        torch.cuda.empty_cache()
+    return rows
+
+
 def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -441,6 +521,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time LoRA tile candidates first")
     parser.add_argument("--sweep-seconds", type=float, default=240.0)
     parser.add_argument("--sweep-only", action="store_true", help="with --sweep: no table after it")
+    parser.add_argument("--sweep-decode", action="store_true",
+                        help="time a grid of decode LoRA tiles (the decode graphs' launches) first, then stop")
     parser.add_argument("--lora-only", action="store_true", help="the LoRA rows only (no attention rows)")
     parser.add_argument("--match", default="", help="only the LoRA cases whose name contains this (implies --lora-only)")
     args = parser.parse_args()
@@ -456,6 +538,9 @@ def main() -> None:
                   torch=torch.__version__, triton=triton.__version__, rows=[])
     if args.sweep:
         result["sweep"] = sweep(time.time() + args.sweep_seconds)
+    if args.sweep_decode:
+        result["sweep_decode"] = sweep_decode(time.time() + args.sweep_seconds)
+        args.sweep = args.sweep_only = True
     jobs = [lambda c=c: bench_lora(c) for c in LORA_CASES] + [bench_meta] + \
            [lambda n=n: bench_decode(n) for n in (512, 1024, 4096)] + [bench_prefill]
     if args.lora_only or args.match:

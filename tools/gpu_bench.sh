@@ -18,6 +18,8 @@
 #                                # Triton until its first token (target <= 1 s); carry .whl
 #   tools/gpu_bench.sh kernels   # the LoRA kernel tests compiled (every dtype, real shapes), bench/kernels.py
 #   tools/gpu_bench.sh sweep     # bench/kernels.py --sweep: lora_fused (then shrink, expand) tile candidates
+#   tools/gpu_bench.sh sweepdecode  # bench/kernels.py --sweep-decode: shrink and expand over a tile grid at the
+#                                # decode graphs' (and prefill's) shapes, then the rank-bound graph test
 #   tools/gpu_bench.sh final     # bench/engine.py at BATCHES (default 1,32,64) with prefill, bench/kernels.py
 #                                # --lora-only, then fp16 fidelity and the CUDA LoRA tests
 #   tools/gpu_bench.sh trace     # the LoRA kernel tests on CUDA, tools/trace_step.py (kernel and stream timelines of
@@ -56,6 +58,12 @@ case "${1:-}" in
     sweep)
         step 580 kernels_sweep python bench/kernels.py --sweep --sweep-only --sweep-seconds 480 \
             --json "$OUT/bench_kernels_sweep_h200.json"
+        ;;
+    sweepdecode)  # bench/kernels.py --sweep-decode: the decode graphs' (and prefill's) shrink and expand over a tile grid
+        step 450 kernels_sweep_decode python bench/kernels.py --sweep-decode --sweep-seconds 420 \
+            --json "$OUT/bench_kernels_sweep_decode_h200.json"
+        step "${TESTS_LIMIT:-120}" gpu_graph_tests python -m pytest -q tests/unit/test_decode_graphs.py \
+            -k largest_rank -p no:cacheprovider -rs
         ;;
     serving)
         tools/gpu_triton_setup.sh install /tmp/multilora-venv > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
@@ -132,7 +140,7 @@ case "${1:-}" in
         step 540 upload /tmp/multilora-venv/bin/python bench/upload.py --runs 5 --server-log "$OUT/tritonserver_upload.log"
         ;;
     *)
-        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart|lora|overlap|upload|kernels|sweep|trace|final" >&2
+        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart|lora|overlap|upload|kernels|sweep|sweepdecode|trace|final" >&2
         exit 2
         ;;
 esac
