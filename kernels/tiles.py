@@ -15,12 +15,15 @@ not specialized, expand's cols_per_program (block_n x chunks_per_program) is alw
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 # a tl.dot operand needs at least 16 rows and columns
 MIN_DOT = 16
 # largest LoRA rank (R_MAX) the expand kernel takes in one step
 MAX_RANK = 256
+# K splits a decode-sized shrink chooses from (the counts that bench/kernels.py --sweep-decode times)
+SHRINK_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
 def next_pow2(n: int) -> int:
@@ -123,13 +126,23 @@ def shrink_tiles(max_tiles: int, k: int, max_rank: int, num_proj: int, page_size
     block_r = max(MIN_DOT, min(next_pow2(max_rank), 64 if block_m >= 64 else 32))
     if not on_gpu:
         return ShrinkTiles(_paged_block(32, page_size) if k > page_size else 32, MIN_DOT, 1, 1, 1)
-    block_k = 64 if block_m >= 64 else 256
-    if k > page_size:
-        block_k = _paged_block(block_k, page_size)
-    # the bytes are x and the adapters' A rows: split K until there are ~2 programs per SM
-    programs = max_tiles * num_proj * cdiv(max_rank, block_r)
-    split_k = max(1, min(cdiv(2 * num_sms, programs), cdiv(k, block_k), 16))
-    return ShrinkTiles(block_k, block_r, split_k, 4, 3)
+    programs = max(1, max_tiles * num_proj * cdiv(max_rank, block_r))
+    if block_m >= 64:  # prefill: the bytes are x and the adapters' A rows
+        block_k = _paged_block(64, page_size) if k > page_size else 64
+        # ~2 programs per SM, and at least 4 K ranges once K reaches 4,096 (H200 sweep: 2,048 tokens
+        # over 16 adapters, q,k,v 19.3 -> 16.0 us and gate,up 16.0 -> 15.1 us at split 4; down kept 6)
+        split_k = max(1, min(max(cdiv(2 * num_sms, programs), min(4, cdiv(k, 1024))), cdiv(k, block_k), 16))
+        return ShrinkTiles(block_k, block_r, split_k, 4, 3)
+    # decode: each tile's A rows are few bytes (one rank-16 A of K 4,096 is 128 kB), so many small
+    # programs of 2 warps keep more of them in flight; K is split to the count nearest ~4 programs per
+    # SM. H200 sweep (bench/kernels.py --sweep-decode, docs/KERNELS.md): at batch 64 over 64 rank-16
+    # adapters q,k,v 15.3 -> 14.2 us, o 9.3 -> 8.1, gate,up 14.7 -> 11.6, down 16.9 -> 13.8 against
+    # BLOCK_K 256, 4 warps and ~2 programs per SM; batch 1 within 0.4 us either way. The warps may not
+    # depend on the program count (compile keys, above)
+    block_k = _paged_block(128, page_size) if k > page_size else 128
+    ideal = 4 * num_sms / programs
+    split_k = min((c for c in SHRINK_SPLITS if c <= cdiv(k, block_k)), key=lambda c: abs(math.log(c / ideal)))
+    return ShrinkTiles(block_k, block_r, split_k, 2, 3)
 
 
 def expand_block_r(max_rank: int) -> int:
@@ -153,8 +166,13 @@ def expand_tiles(max_tiles: int, max_n: int, num_proj: int, page_size: int, bloc
     block_n = 128
     if max_n > page_size:
         block_n = _paged_block(block_n, page_size)
-    # ~6 programs per SM, each walking several column blocks so that its loads pipeline
-    # (measured on the H100: 7 or 8 steps for decode up/qkv, 2 for down, 4 to 5 for prefill)
+    if block_m >= 64:
+        # prefill: two column blocks per program (H200 sweep, 2,048 tokens over 16 adapters storing the
+        # addend: q,k,v 24.2 -> 21.3 us, gate,up 38.2 -> 36.3, down 12.0 -> 9.9 against ~6 programs per SM)
+        return ExpandTiles(block_n, 2, 4, 3)
+    # decode: ~6 programs per SM, each walking several column blocks so that its loads pipeline
+    # (measured on the H100: 7 or 8 steps for decode up/qkv, 2 for down; on the H200 within 1 us of the
+    # sweep's best at batch 64)
     blocks = max_tiles * num_proj * cdiv(max_n, block_n)
     chunks = max(1, min(8, blocks // (6 * num_sms)))
     return ExpandTiles(block_n, chunks, 4, 3)

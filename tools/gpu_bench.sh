@@ -130,7 +130,7 @@ case "${1:-}" in
         step 270 engine python bench/engine.py --batches "${BATCHES:-1,32,64}" --json "$OUT/bench_engine_h200.json"
         step 130 kernels python bench/kernels.py --lora-only --json "$OUT/bench_kernels_h200.json"
         step "${TESTS_LIMIT:-180}" gpu_tests python -m pytest -q tests/fidelity/test_gpu_fp16.py \
-            tests/unit/test_lora_deferred.py tests/unit/test_decode_graphs.py -p no:cacheprovider -rs -s
+            tests/unit/test_lora_deferred.py ${FINAL_TESTS:-tests/unit/test_decode_graphs.py} -p no:cacheprovider -rs -s
         ;;
     warmstart)
         step 500 warm_start python tools/check_warm_start.py --compare --json "$OUT/warm_start_h200.json"
