@@ -6,8 +6,10 @@ Times are medians of CUDA-graph replays; each graph runs the op over several inp
 "bytes" = the fewest bytes the op must move (inputs read once, outputs written once; y is read
 and written; z written and read by the split LoRA pair, not by the fused kernel); frac = bytes /
 time / the device-to-device copy bandwidth measured in the same run (bench/bandwidth.py).
-Each LoRA case is timed as the split pair (lora_shrink + lora_expand, the z buffer in memory) and
-as lora_fused (one launch, z on chip); the fused row's "x split" is the pair's time over its own.
+Each LoRA case is timed as the split pair (lora_shrink + lora_expand, the z buffer in memory, as the
+engine runs them: two z buffers in turn, no memset; "memset_pair_us" in the JSON is the pair with
+the shrink's memset) and as lora_fused (one launch, z on chip); the fused row's "x split" is the
+pair's time over its own.
 The torch reference is a fair vectorized implementation: decode LoRA gathers each token's
 adapter and uses bmm, prefill LoRA runs one matmul pair per segment, decode attention gathers
 the pages and calls scaled_dot_product_attention; prefill attention is also compared with
@@ -151,6 +153,7 @@ class LoraSetup:
                 x=torch.randn(case.num_tokens, case.k, device=DEVICE, dtype=DTYPE, generator=gen),
                 y=torch.randn(case.num_tokens, n_total, device=DEVICE, dtype=DTYPE, generator=gen),
                 z=torch.empty(case.num_tokens, num_proj, case.rank_bound, device=DEVICE),
+                z_pair=[torch.zeros(case.num_tokens, num_proj, case.rank_bound, device=DEVICE) for _ in range(2)],
                 meta=LoRAStepMeta.build(token_slots, case.num_adapters, block_m),
                 global_slots=token_slots.long() + rot * case.num_adapters,
                 host_slots=[slot + rot * case.num_adapters for slot in slots],
@@ -180,6 +183,16 @@ class LoraSetup:
         lora_expand(s["z"], self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["b_offsets"], s["scales"],
                     s["y"], self.out_offsets, list(self.case.out_sizes), meta=s["meta"], config=config)
 
+    def engine_pair(self, s, parity: int, expand: bool = True):
+        """The split pair as engine/lora_batch.py runs it: the shrink into one of two z buffers with no
+        memset (z_zeroed), the expand zeroing the other (zero_after); call with parity 0 then 1."""
+        z, z_next = s["z_pair"][parity], s["z_pair"][1 - parity]
+        lora_shrink(s["x"], self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["a_offsets"], z,
+                    meta=s["meta"], z_zeroed=True)
+        if expand:
+            lora_expand(z, self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["b_offsets"], s["scales"],
+                        s["y"], self.out_offsets, list(self.case.out_sizes), meta=s["meta"], zero_after=z_next)
+
     def fused(self, s, config=None):
         lora_fused(s["x"], self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["a_offsets"], s["b_offsets"],
                    s["scales"], s["y"], self.out_offsets, list(self.case.out_sizes), self.case.rank_bound, meta=s["meta"],
@@ -206,8 +219,9 @@ class LoraSetup:
         if fused:
             self.fused(s)
         else:
-            self.shrink(s)
-            self.expand(s)
+            for z in s["z_pair"]:
+                z.zero_()
+            self.engine_pair(s, 0)
         mine = s["y"].float() - y0.float()
         s["y"].copy_(y0)
         self.torch_reference(s)
@@ -247,8 +261,10 @@ def bench_lora(case: LoraCase) -> list[dict]:
     """Two rows: the split pair (shrink + expand) and the fused kernel, on the same inputs."""
     setup = LoraSetup(case)
     t_ref = time_graph([lambda s=s: setup.torch_reference(s) for s in setup.sets], replays=10)
-    t_split = time_graph([lambda s=s: (setup.shrink(s), setup.expand(s)) for s in setup.sets])
-    t_shrink = time_graph([lambda s=s: setup.shrink(s) for s in setup.sets])
+    # each set twice, so that its two z buffers take turns as in the engine's layers
+    t_split = time_graph([lambda s=s, p=p: setup.engine_pair(s, p) for p in (0, 1) for s in setup.sets])
+    t_shrink = time_graph([lambda s=s, p=p: setup.engine_pair(s, p, expand=False) for p in (0, 1) for s in setup.sets])
+    t_memset_pair = time_graph([lambda s=s: (setup.shrink(s), setup.expand(s)) for s in setup.sets])
     t_fused = time_graph([lambda s=s: setup.fused(s) for s in setup.sets])
     rows = []
     for fused, t in ((False, t_split), (True, t_fused)):
@@ -264,7 +280,8 @@ def bench_lora(case: LoraCase) -> list[dict]:
             target_bytes, target = setup.adapter_bytes, "frac(adapters)>=0.60 and >=3x ref"
             met = setup.adapter_bytes / t / copy_bandwidth() >= 0.6 and t_ref / t >= 3.0
         rows.append(dict(case=("fused " if fused else "") + case.name, kernel="fused" if fused else "split", us=t * 1e6,
-                         shrink_us=None if fused else t_shrink * 1e6, mb=moved / 1e6, gbps=moved / t / 1e9,
+                         shrink_us=None if fused else t_shrink * 1e6,
+                         memset_pair_us=None if fused else t_memset_pair * 1e6, mb=moved / 1e6, gbps=moved / t / 1e9,
                          frac_all=frac_all, frac_target=target_bytes / t / copy_bandwidth(), ref_us=t_ref * 1e6,
                          speedup=t_ref / t, vs_split=t_split / t if fused else None,
                          vllm_us=None if fused else VLLM_US.get(case.name), target=target, met=met,
@@ -472,7 +489,8 @@ def sweep_decode(deadline: float) -> list[dict]:
         num_proj = len(case.out_sizes)
         block_r = tiles.shrink_tiles(meta.max_tiles, case.k, case.rank_bound, num_proj, PAGE, meta.block_m, sms).block_r
         default_s = tiles.shrink_tiles(meta.max_tiles, case.k, case.rank_bound, num_proj, PAGE, meta.block_m, sms)
-        default_e = tiles.expand_tiles(meta.max_tiles, max(case.out_sizes), num_proj, PAGE, meta.block_m, sms)
+        default_e = tiles.expand_tiles(meta.max_tiles, max(case.out_sizes), num_proj, PAGE, meta.block_m, sms,
+                                       accumulate=accumulate)
 
         def expand(s, c):
             lora_expand(s["z"], setup.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["b_offsets"],

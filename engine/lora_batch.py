@@ -72,7 +72,9 @@ class LoRABatch:
         self.groups = groups
         self.num_slots = 0 if page_tables is None else page_tables.shape[0]
         self.kernel_meta = ops.lora_meta(token_slots, self.num_slots) if self.num_slots else None
-        self._z: dict[str, torch.Tensor] = {}  # per group, reused by every layer
+        # per group, two z buffers that the layers take in turn: each layer's expand zeroes what the next
+        # layer's shrink accumulates into, so no shrink launches a memset first (zeroed once, at creation)
+        self._z: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._delta: dict[str, torch.Tensor] = {}  # per group, reused by every layer
         # Decode-sized steps defer their LoRA terms, and when captured in a CUDA graph run them on
         # the LoRA stream (eager ones do not: there the stream's switches, recorded once in a graph,
@@ -132,17 +134,19 @@ class LoRABatch:
             y = ops.linear(x, weight, bias)
             ops.lora_fused(x, pool, layer, self, meta, y)
             return y, None
-        z = self._z.get(group)
-        if z is None:  # [T, NPROJ, R_MAX] float32
-            z = self._z[group] = torch.empty(x.shape[0], len(meta.out_sizes), meta.max_rank, dtype=torch.float32,
-                                             device=x.device)
+        buffers = self._z.get(group)
+        if buffers is None:  # two [T, NPROJ, R_MAX] float32, allocated apart (a view's odd offset would
+            # change the kernels' pointer alignment, one of their compile keys)
+            buffers = self._z[group] = tuple(torch.zeros(x.shape[0], len(meta.out_sizes), meta.max_rank,
+                                                         dtype=torch.float32, device=x.device) for _ in range(2))
+        z, z_next = buffers[layer % 2], buffers[(layer + 1) % 2]
         if self.into_gemm and bias is None:
             # prefill-sized: the expand stores the term (every row: zeros without an adapter) and the
             # base GEMM adds it in its epilogue, so y is written once and never re-read; the buffer is
             # not kept across layers (the largest, gate_up's, is what ModelRunner's memory profile adds)
             addend = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-            ops.lora_shrink(x, pool, layer, self, meta, z)
-            ops.lora_expand(z, pool, layer, self, meta, addend, accumulate=False)
+            ops.lora_shrink(x, pool, layer, self, meta, z, z_zeroed=True)
+            ops.lora_expand(z, pool, layer, self, meta, addend, accumulate=False, zero_after=z_next)
             return ops.linear_plus(x, weight, addend), None
         delta = None
         if defer and self.defer:
@@ -151,19 +155,19 @@ class LoRABatch:
                 delta = self._delta[group] = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         if self.stream is None:
             y = ops.linear(x, weight, bias)
-            ops.lora_shrink(x, pool, layer, self, meta, z)
+            ops.lora_shrink(x, pool, layer, self, meta, z, z_zeroed=True)
             if delta is not None:
-                ops.lora_expand(z, pool, layer, self, meta, delta, accumulate=False)
+                ops.lora_expand(z, pool, layer, self, meta, delta, accumulate=False, zero_after=z_next)
         else:
             main = torch.cuda.current_stream(x.device)
             self.stream.wait_stream(main)  # x is ready; z and delta are free (the ops that read them are queued)
             with torch.cuda.stream(self.stream):
-                ops.lora_shrink(x, pool, layer, self, meta, z)
+                ops.lora_shrink(x, pool, layer, self, meta, z, z_zeroed=True)
                 if delta is not None:
-                    ops.lora_expand(z, pool, layer, self, meta, delta, accumulate=False)
+                    ops.lora_expand(z, pool, layer, self, meta, delta, accumulate=False, zero_after=z_next)
             with ops.gemm_beside_lora(x.device, x.shape[0]):
                 y = ops.linear(x, weight, bias)
             main.wait_stream(self.stream)
         if delta is None:
-            ops.lora_expand(z, pool, layer, self, meta, y)
+            ops.lora_expand(z, pool, layer, self, meta, y, zero_after=z_next)
         return y, delta

@@ -134,27 +134,29 @@ class Ops:
                     group.scales, y, group.out_offsets, group.out_sizes, group.max_rank, meta=lora.kernel_meta)
 
     def lora_shrink(self, x: torch.Tensor, pool: torch.Tensor, layer: int, lora: "LoRABatch", group: "GroupMeta",
-                    z: torch.Tensor) -> None:
+                    z: torch.Tensor, z_zeroed: bool = False) -> None:
         """z[t, p, :r] = x[t] A_p^T through the adapters' page tables (BGMV/SGMV shrink).
 
         x: [T, K]; pool: [P, L, PAGE]; lora: the step's token slots and page tables; group: the
-        projection group's tables; z: [T, NPROJ, R_MAX] float32, written."""
+        projection group's tables; z: [T, NPROJ, R_MAX] float32, written; z_zeroed: z holds zeros
+        where the shrink writes (left so by lora_expand's zero_after), so no memset first."""
         args = (x, pool, layer, lora.token_slots, lora.page_tables, group.ranks, group.a_offsets, z)
         if self.use_kernels:
-            self._shrink(*args, meta=lora.kernel_meta)
+            self._shrink(*args, meta=lora.kernel_meta, z_zeroed=z_zeroed)
         else:
-            reference.lora_shrink(*args)
+            reference.lora_shrink(*args, z_zeroed=z_zeroed)
 
     def lora_expand(self, z: torch.Tensor, pool: torch.Tensor, layer: int, lora: "LoRABatch", group: "GroupMeta",
-                    y: torch.Tensor, accumulate: bool = True) -> None:
+                    y: torch.Tensor, accumulate: bool = True, zero_after: torch.Tensor | None = None) -> None:
         """y[t, off_p:off_p+N_p] += scale_p z[t, p, :r] B_p^T through the page tables (expand).
 
         z: [T, NPROJ, R_MAX] float32 from lora_shrink; y: [T, N_total] the fused projection's
         output, added to in place at the group's out_offsets; with ``accumulate`` False, a delta
-        buffer that gets scale_p z B_p^T itself (zeros for a module the adapter lacks)."""
+        buffer that gets scale_p z B_p^T itself (zeros for a module the adapter lacks);
+        zero_after: another z buffer, zeroed where this expand reads z (for the next shrink into it)."""
         args = (z, pool, layer, lora.token_slots, lora.page_tables, group.ranks, group.b_offsets, group.scales, y,
                 group.out_offsets, group.out_sizes)
         if self.use_kernels:
-            self._expand(*args, meta=lora.kernel_meta, accumulate=accumulate)
+            self._expand(*args, meta=lora.kernel_meta, accumulate=accumulate, zero_after=zero_after)
         else:
-            reference.lora_expand(*args, accumulate=accumulate)
+            reference.lora_expand(*args, accumulate=accumulate, zero_after=zero_after)

@@ -26,7 +26,7 @@ MAX_PROJ = 4
 # one binary serves every adapter size and every R_MAX up to BLOCK_R.
 @triton.jit(do_not_specialize=["num_pages", "pt_stride_s", "z_stride_t", "z_stride_p"])
 def _lora_expand_kernel(
-    z_ptr, pool_ptr, y_ptr,
+    z_ptr, pool_ptr, y_ptr, z_next_ptr,
     sorted_ids_ptr, tile_starts_ptr, tile_lens_ptr, tile_slots_ptr,
     page_tables_ptr, ranks_ptr, b_offsets_ptr, scales_ptr,
     N0, N1, N2, N3, OFF0, OFF1, OFF2, OFF3,  # column count and y offset of each projection
@@ -34,7 +34,7 @@ def _lora_expand_kernel(
     y_stride_t, pt_stride_s, z_stride_t, z_stride_p,
     NPROJ: tl.constexpr, PROJ_BASE: tl.constexpr, PAGE: tl.constexpr, VEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, ZERO_NEXT: tl.constexpr,
 ):
     pid_tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -56,8 +56,12 @@ def _lora_expand_kernel(
     tok = tl.load(sorted_ids_ptr + tl.load(tile_starts_ptr + pid_tile) + offs_m, mask=m_mask, other=0).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)  # BLOCK_R >= R_MAX: the whole rank in one step, masked by this slot's rank
     r_mask = offs_r < rank
-    zt = tl.load(z_ptr + (tok * z_stride_t + proj * z_stride_p)[:, None] + offs_r[None, :],
-                 mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_R] fp32
+    z_offs = (tok * z_stride_t + proj * z_stride_p)[:, None] + offs_r[None, :]
+    z_mask = m_mask[:, None] & r_mask[None, :]
+    zt = tl.load(z_ptr + z_offs, mask=z_mask, other=0.0)  # [BLOCK_M, BLOCK_R] fp32
+    if ZERO_NEXT:  # the next layer's shrink accumulates into z_next without a memset
+        if pid_n == 0:
+            tl.store(z_next_ptr + z_offs, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), mask=z_mask)
     zt = zt.to(pool_ptr.dtype.element_ty)
     b_offset = tl.load(b_offsets_ptr + slot * NPROJ + proj, mask=slot >= 0, other=0).to(tl.int32)
     scale = tl.load(scales_ptr + slot * NPROJ + proj, mask=slot >= 0, other=0.0)
@@ -78,7 +82,7 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
                 page_tables: torch.Tensor, ranks: torch.Tensor, b_offsets: torch.Tensor, scales: torch.Tensor,
                 y: torch.Tensor, out_offsets: list[int], out_sizes: list[int], *,
                 meta: LoRAStepMeta | None = None, config: tiles.ExpandTiles | None = None,
-                accumulate: bool = True) -> None:
+                accumulate: bool = True, zero_after: torch.Tensor | None = None) -> None:
     """y[t, off_p : off_p + N_p] += scale_p * z[t, p, :r] B_p^T for every token with an adapter, in place.
 
     z: [T, NPROJ, R_MAX] float32 contiguous, from lora_shrink
@@ -96,6 +100,9 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     accumulate: False stores scale_p * z B_p^T instead (y is not read), in the projections' columns of
     every row: zeros for a projection of rank 0 and for tokens without an adapter (y may start uninitialised);
     other columns are untouched
+    zero_after: a tensor like z (another layer's z buffer) whose entries z[t, p, :r] this launch reads are
+    set to zero in it (tokens with an adapter, projections of rank r > 0; the rest untouched), so that
+    the next lora_shrink into it may skip its memset (z_zeroed)
     """
     num_tokens = y.shape[0]
     check_z("lora_expand", z, num_tokens, pool.device)
@@ -104,6 +111,11 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     check_lora_args("lora_expand", pool, layer, token_slots, page_tables, ranks, {"b_offsets": b_offsets},
                     num_tokens, num_proj)
     check_output("lora_expand", y, pool, scales, num_slots, num_proj, out_offsets, out_sizes)
+    if zero_after is not None and (zero_after.shape != z.shape or zero_after.stride() != z.stride()
+                                   or zero_after.dtype != z.dtype or zero_after.device != z.device
+                                   or (z.numel() and zero_after.data_ptr() == z.data_ptr())):
+        raise ValueError(f"lora_expand: zero_after must be another tensor like z {tuple(z.shape)} float32, got "
+                         f"{zero_after.dtype} {tuple(zero_after.shape)}")
     if r_max > tiles.MAX_RANK:
         raise ValueError(f"lora_expand: R_MAX = {r_max} > {tiles.MAX_RANK} is not supported")
     if num_tokens == 0:
@@ -113,7 +125,7 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     meta = step_meta(meta, token_slots, num_slots)
     if config is None:
         config = tiles.expand_tiles(meta.max_tiles, max(out_sizes), num_proj, page_size, meta.block_m,
-                                    sm_count(pool.device), on_gpu)
+                                    sm_count(pool.device), on_gpu, accumulate)
     block_r = tiles.expand_block_r(r_max)
     row_in_two_pages = max(out_sizes) <= page_size
     if not row_in_two_pages and config.block_n > page_size:
@@ -128,7 +140,7 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
         offsets += [0] * (MAX_PROJ - count)
         grid = (meta.max_tiles, tiles.cdiv(max(sizes), cols_per_program), count)
         _lora_expand_kernel[grid](
-            z, pool, y,
+            z, pool, y, z if zero_after is None else zero_after,
             meta.sorted_token_ids, meta.tile_starts, meta.tile_lens, meta.tile_slots,
             page_tables, ranks, b_offsets, scales,
             *sizes, *offsets,
@@ -137,5 +149,6 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
             NPROJ=num_proj, PROJ_BASE=base, PAGE=page_size, VEC=vec_width(page_size, *out_sizes[base:base + count]),
             BLOCK_M=meta.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, ROW_IN_TWO_PAGES=row_in_two_pages,
             DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32", ACCUMULATE=accumulate,
+            ZERO_NEXT=zero_after is not None,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )

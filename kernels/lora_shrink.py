@@ -76,7 +76,7 @@ def _lora_shrink_kernel(
 def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: torch.Tensor,
                 page_tables: torch.Tensor, ranks: torch.Tensor, a_offsets: torch.Tensor,
                 z: torch.Tensor, *, meta: LoRAStepMeta | None = None,
-                config: tiles.ShrinkTiles | None = None) -> None:
+                config: tiles.ShrinkTiles | None = None, z_zeroed: bool = False) -> None:
     """z[t, p, :r] = x[t] A_p^T for every token with an adapter (zeros past r), in place.
 
     x: [T, K] fp16/bf16/fp32, rows unit-stride, same dtype as pool
@@ -91,6 +91,9 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     config: tile override (tests, benchmarks); default from kernels.tiles
     With config.split_k > 1, z is zeroed first and accumulated with fp32 atomics (bitwise results
     may then differ between runs in the last bits).
+    z_zeroed: the caller promises that z holds zeros wherever this launch writes (the rows of tokens
+    with an adapter, ranks below each adapter's), so the memset is skipped: lora_expand(zero_after=z)
+    of the layer before leaves it so (engine/lora_batch.py's two z buffers per group)
     """
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"lora_shrink: x must be [T, K] with unit stride along K, got shape "
@@ -115,7 +118,7 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     if not row_in_two_pages and config.block_k > page_size:
         raise ValueError(f"lora_shrink: block_k {config.block_k} exceeds the page size {page_size} (rows of "
                          f"K = {k} are read in page-sized pieces)")
-    if config.split_k > 1:
+    if config.split_k > 1 and not z_zeroed:
         z.zero_()
     grid = (meta.max_tiles, tiles.cdiv(r_max, config.block_r) * config.split_k, num_proj)
     _lora_shrink_kernel[grid](

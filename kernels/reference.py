@@ -164,8 +164,9 @@ def read_paged(pool: torch.Tensor, layer: int, page_table: torch.Tensor, offset:
 
 def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: torch.Tensor,
                 page_tables: torch.Tensor, ranks: torch.Tensor, a_offsets: torch.Tensor,
-                z: torch.Tensor) -> None:
-    """z[t, p, :r] = x[t] A_p^T for each token's adapter and each of NPROJ projections.
+                z: torch.Tensor, z_zeroed: bool = False) -> None:
+    """z[t, p, :r] = x[t] A_p^T for each token's adapter and each of NPROJ projections (z_zeroed, the
+    kernel's promise that z starts at zero, changes nothing here: z's rows are overwritten).
 
     x: [T, K]; pool: [P, L, PAGE]; token_slots: [T] int32 adapter slot per token, -1 = none;
     page_tables: [NS, MP] int32; ranks: [NS, NPROJ] int32 (0 = module not in the adapter);
@@ -189,10 +190,11 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
 
 def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: torch.Tensor,
                 page_tables: torch.Tensor, ranks: torch.Tensor, b_offsets: torch.Tensor, scales: torch.Tensor,
-                y: torch.Tensor, out_offsets: list[int], out_sizes: list[int], accumulate: bool = True) -> None:
+                y: torch.Tensor, out_offsets: list[int], out_sizes: list[int], accumulate: bool = True,
+                zero_after: torch.Tensor | None = None) -> None:
     """y[t, off_p : off_p + N_p] += scale_p * z[t, p, :r] B_p^T, in place (accumulate=False: y[...] =
     scale_p * z[t, p, :r] B_p^T rounded to y's dtype for every token, zeros for a projection of rank 0
-    and for tokens without an adapter).
+    and for tokens without an adapter). zero_after: zero_after[t, p, :r] = 0 for the entries of z read.
 
     z: [T, NPROJ, R_MAX] float32 from lora_shrink; b_offsets: [NS, NPROJ] int64, virtual offset of
     B_p^T ([r, N_p], row-major: rank row j holds column j of PEFT's lora_B); scales: [NS, NPROJ]
@@ -208,6 +210,8 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
                 continue
             bt = read_paged(pool, layer, page_tables[slot], int(b_offsets[slot, p]), r * n).view(r, n)
             delta = ((z[tokens, p, :r] @ bt.float()) * float(scales[slot, p])).to(y.dtype)
+            if zero_after is not None:
+                zero_after[tokens, p, :r] = 0
             if accumulate:
                 y[tokens, off:off + n] += delta
             else:

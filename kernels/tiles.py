@@ -133,12 +133,17 @@ def shrink_tiles(max_tiles: int, k: int, max_rank: int, num_proj: int, page_size
         # over 16 adapters, q,k,v 19.3 -> 16.0 us and gate,up 16.0 -> 15.1 us at split 4; down kept 6)
         split_k = max(1, min(max(cdiv(2 * num_sms, programs), min(4, cdiv(k, 1024))), cdiv(k, block_k), 16))
         return ShrinkTiles(block_k, block_r, split_k, 4, 3)
-    # decode: each tile's A rows are few bytes (one rank-16 A of K 4,096 is 128 kB), so many small
-    # programs of 2 warps keep more of them in flight; K is split to the count nearest ~4 programs per
-    # SM. H200 sweep (bench/kernels.py --sweep-decode, docs/KERNELS.md): at batch 64 over 64 rank-16
-    # adapters q,k,v 15.3 -> 14.2 us, o 9.3 -> 8.1, gate,up 14.7 -> 11.6, down 16.9 -> 13.8 against
-    # BLOCK_K 256, 4 warps and ~2 programs per SM; batch 1 within 0.4 us either way. The warps may not
-    # depend on the program count (compile keys, above)
+    if block_r > MIN_DOT:  # decode, ranks above 16: BLOCK_K 256, 4 warps, ~2 programs per SM (the H100 sweep)
+        block_k = _paged_block(256, page_size) if k > page_size else 256
+        split_k = max(1, min(cdiv(2 * num_sms, programs), cdiv(k, block_k), 16))
+        return ShrinkTiles(block_k, block_r, split_k, 4, 3)
+    # decode, ranks up to 16: each tile's A rows are few bytes (one rank-16 A of K 4,096 is 128 kB), so
+    # many small programs of 2 warps keep more of them in flight; K is split to the count nearest ~4
+    # programs per SM. H200 sweep (bench/kernels.py --sweep-decode, docs/KERNELS.md): at batch 64 over
+    # 64 rank-16 adapters q,k,v 15.3 -> 14.2 us, o 9.3 -> 8.1, gate,up 14.7 -> 11.6, down 16.9 -> 13.8
+    # against the rule above; batch 1 within 0.4 us either way. At BLOCK_R 32 the same tiles were slower
+    # (q,k,v at R_MAX 64 over rank-16 adapters 21.2 -> 25.3 us), so those keep the rule above. The warps
+    # may depend on the rank class, not on the program count (compile keys, above)
     block_k = _paged_block(128, page_size) if k > page_size else 128
     ideal = 4 * num_sms / programs
     split_k = min((c for c in SHRINK_SPLITS if c <= cdiv(k, block_k)), key=lambda c: abs(math.log(c / ideal)))
@@ -160,19 +165,20 @@ def lora_rank_bound(max_rank: int, max_lora_rank: int) -> int:
 
 
 def expand_tiles(max_tiles: int, max_n: int, num_proj: int, page_size: int, block_m: int, num_sms: int,
-                 on_gpu: bool = True) -> ExpandTiles:
+                 on_gpu: bool = True, accumulate: bool = True) -> ExpandTiles:
     if not on_gpu:
         return ExpandTiles(_paged_block(32, page_size) if max_n > page_size else 32, 2, 1, 1)
     block_n = 128
     if max_n > page_size:
         block_n = _paged_block(block_n, page_size)
-    if block_m >= 64:
-        # prefill: two column blocks per program (H200 sweep, 2,048 tokens over 16 adapters storing the
-        # addend: q,k,v 24.2 -> 21.3 us, gate,up 38.2 -> 36.3, down 12.0 -> 9.9 against ~6 programs per SM)
+    if block_m >= 64 and not accumulate:
+        # prefill storing the base GEMM's addend: two column blocks per program (H200 sweep, 2,048 tokens
+        # over 16 adapters: q,k,v 24.2 -> 21.3 us, gate,up 38.2 -> 36.3, down 12.0 -> 9.9 against the rule
+        # below; adding into y in place, 2 was slower: up 4096 -> 11008 39.7 -> 41.9 us)
         return ExpandTiles(block_n, 2, 4, 3)
-    # decode: ~6 programs per SM, each walking several column blocks so that its loads pipeline
-    # (measured on the H100: 7 or 8 steps for decode up/qkv, 2 for down; on the H200 within 1 us of the
-    # sweep's best at batch 64)
+    # ~6 programs per SM, each walking several column blocks so that its loads pipeline (measured on
+    # the H100: 7 or 8 steps for decode up/qkv, 2 for down, 4 to 5 for prefill; on the H200 decode is
+    # within 1 us of the sweep's best at batch 64)
     blocks = max_tiles * num_proj * cdiv(max_n, block_n)
     chunks = max(1, min(8, blocks // (6 * num_sms)))
     return ExpandTiles(block_n, chunks, 4, 3)

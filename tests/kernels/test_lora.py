@@ -100,15 +100,28 @@ def run_and_compare(ap: AdapterPool, token_slots: list[int], k: int, out_sizes: 
     has_adapter = slots >= 0
     if has_adapter.any():
         assert_close(z[has_adapter], z_ref[has_adapter], dtype)
+    # the engine's two z buffers: a shrink told that z starts at zero skips its memset and gives the same z
+    z_pre = torch.zeros_like(z)
+    lora_shrink(x, ap.pool, layer, slots, ap.page_tables, ap.ranks, ap.a_offsets, z_pre, meta=meta,
+                config=shrink_config, z_zeroed=True)
+    if has_adapter.any():
+        assert_close(z_pre[has_adapter], z_ref[has_adapter], dtype)
 
     # expand from the reference z, into a y whose other rows and columns must stay untouched
     y = torch.randn(num_tokens, n_total, generator=gen).to(DEVICE, dtype)
     y_ref = y.clone()
     y_before = y.clone()
+    # zero_after: the entries z[t, p, :r] that the expand reads are zeroed in the other buffer, nothing else
+    z_next = torch.full_like(z_ref, 7.0)
+    z_next_ref = z_next.clone()
     lora_expand(z_ref, ap.pool, layer, slots, ap.page_tables, ap.ranks, ap.b_offsets, ap.scales, y,
-                out_offsets, out_sizes, meta=meta, config=expand_config)
+                out_offsets, out_sizes, meta=meta, config=expand_config, zero_after=z_next)
     reference.lora_expand(z_ref, ap.pool, layer, slots, ap.page_tables, ap.ranks, ap.b_offsets, ap.scales, y_ref,
-                          out_offsets, out_sizes)
+                          out_offsets, out_sizes, zero_after=z_next_ref)
+    assert torch.equal(z_next, z_next_ref), "zero_after zeroed other entries than the twin"
+    read = torch.arange(r_max, device=DEVICE)[None, None, :] < ap.ranks[slots.long().clamp(min=0)][:, :, None]
+    read &= has_adapter[:, None, None]
+    assert (z_next[read] == 0).all() and (z_next[~read] == 7.0).all()
     if num_tokens:
         assert_close(y, y_ref, dtype)
         assert torch.equal(y[~has_adapter], y_before[~has_adapter]), "rows without an adapter changed"

@@ -93,10 +93,10 @@ def test_graph_steps_run_the_kernels_of_their_largest_rank(tmp_path):
         bounds, in_graph = [], []  # R_MAX of the shrinks that graph steps launch
         shrink, graphs = engine.runner.ops.lora_shrink, engine.runner.graphs
 
-        def recording_shrink(x, pool, layer, lora, group, z):
+        def recording_shrink(x, pool, layer, lora, group, z, **kwargs):
             if in_graph:
                 bounds.append(z.shape[2])
-            return shrink(x, pool, layer, lora, group, z)
+            return shrink(x, pool, layer, lora, group, z, **kwargs)
         engine.runner.ops.lora_shrink = recording_shrink
         if graphs is not None:
             graph_run = graphs.run
