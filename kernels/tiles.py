@@ -1,6 +1,7 @@
 """Tile sizes for every kernel in one place: launchers ask here and never pick sizes themselves.
 
-GPU choices come from the sweeps of bench/kernels.py --sweep on an H100 80GB (docs/KERNELS.md);
+GPU choices come from the sweeps of bench/kernels.py --sweep on an H100 80GB, and the LoRA shrink's and
+expand's decode and prefill choices from bench/kernels.py --sweep-decode on an H200 (docs/KERNELS.md);
 CPU choices (TRITON_INTERPRET=1) are small tiles that still walk every code path, since the
 interpreter's cost grows with tile area.
 
