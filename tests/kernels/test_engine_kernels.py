@@ -68,3 +68,33 @@ def test_prefill_sized_steps_add_the_lora_in_the_base_gemm(model_set):
         for mine, ref in zip(outs, expected):
             for got, want in zip(mine.logprobs, ref.logprobs):
                 assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-4 for k in got)
+
+
+def test_prefill_sized_steps_on_the_kernels_at_tp2(model_set):
+    """Tensor parallelism (default LoRA mode) on the kernels: a prefill-sized step adds each shard's LoRA
+    terms in its base GEMM (Ops.linear_plus on rank 0, both column and row groups) and the decode steps
+    after it take the two z buffers in turn; the same greedy tokens and logprobs as TP 1 on the references."""
+    base, adapters = model_set
+    rng = random.Random(5)
+    lengths = [200, 180, 120, 60, 20]  # 580 prompt tokens: one prefill-sized step
+    prompts = [[1] + [rng.randrange(3, 259) for _ in range(n - 1)] for n in lengths]
+    names = ["b", "a", None, "b", "a"]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)
+    common = dict(model=base, adapters=adapters, dtype="float32", device="cpu", num_pages=256, block_size=4,
+                  max_num_seqs=8, max_num_batched_tokens=1024, decode_graphs="off")
+    expected = LLM(kernels="reference", **common).generate(prompts, params, lora_names=names)
+    llm = LLM(kernels="triton", tensor_parallel_size=2, **common)
+    try:
+        ops = llm.engine.runner.ops
+        assert ops.use_kernels and ops.lora_into_gemm
+        calls = []
+        plain = ops.linear_plus
+        ops.linear_plus = lambda *args: calls.append(args[2].shape) or plain(*args)
+        got = llm.generate(prompts, params, lora_names=names)
+    finally:
+        llm.engine.runner.close()
+    assert len(calls) == 4 and all(shape[0] == sum(lengths) for shape in calls)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    for mine, ref in zip(got, expected):
+        for a, b in zip(mine.logprobs, ref.logprobs):
+            assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-3 for k in a)
