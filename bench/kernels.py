@@ -175,23 +175,22 @@ class LoraSetup:
         z = 0 if fused else 2 * c.num_tokens * len(c.out_sizes) * c.rank * 4
         return xy + self.adapter_bytes + z
 
-    def shrink(self, s, config=None):
-        lora_shrink(s["x"], self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["a_offsets"], s["z"],
-                    meta=s["meta"], config=config)
+    def shrink(self, s, config=None, z=None, **kwargs):
+        lora_shrink(s["x"], self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["a_offsets"],
+                    s["z"] if z is None else z, meta=s["meta"], config=config, **kwargs)
 
-    def expand(self, s, config=None):
-        lora_expand(s["z"], self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["b_offsets"], s["scales"],
-                    s["y"], self.out_offsets, list(self.case.out_sizes), meta=s["meta"], config=config)
+    def expand(self, s, config=None, z=None, **kwargs):
+        lora_expand(s["z"] if z is None else z, self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"],
+                    s["b_offsets"], s["scales"], s["y"], self.out_offsets, list(self.case.out_sizes), meta=s["meta"],
+                    config=config, **kwargs)
 
     def engine_pair(self, s, parity: int, expand: bool = True):
         """The split pair as engine/lora_batch.py runs it: the shrink into one of two z buffers with no
         memset (z_zeroed), the expand zeroing the other (zero_after); call with parity 0 then 1."""
         z, z_next = s["z_pair"][parity], s["z_pair"][1 - parity]
-        lora_shrink(s["x"], self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["a_offsets"], z,
-                    meta=s["meta"], z_zeroed=True)
+        self.shrink(s, z=z, z_zeroed=True)
         if expand:
-            lora_expand(z, self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["b_offsets"], s["scales"],
-                        s["y"], self.out_offsets, list(self.case.out_sizes), meta=s["meta"], zero_after=z_next)
+            self.expand(s, z=z, zero_after=z_next)
 
     def fused(self, s, config=None):
         lora_fused(s["x"], self.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["a_offsets"], s["b_offsets"],
@@ -487,15 +486,12 @@ def sweep_decode(deadline: float) -> list[dict]:
         setup = LoraSetup(case)
         meta = setup.sets[0]["meta"]
         num_proj = len(case.out_sizes)
-        block_r = tiles.shrink_tiles(meta.max_tiles, case.k, case.rank_bound, num_proj, PAGE, meta.block_m, sms).block_r
         default_s = tiles.shrink_tiles(meta.max_tiles, case.k, case.rank_bound, num_proj, PAGE, meta.block_m, sms)
         default_e = tiles.expand_tiles(meta.max_tiles, max(case.out_sizes), num_proj, PAGE, meta.block_m, sms,
                                        accumulate=accumulate)
 
         def expand(s, c):
-            lora_expand(s["z"], setup.pool, LAYER, s["slots"], s["page_tables"], s["ranks"], s["b_offsets"],
-                        s["scales"], s["y"], setup.out_offsets, list(case.out_sizes), meta=s["meta"], config=c,
-                        accumulate=accumulate)
+            setup.expand(s, c, accumulate=accumulate)
 
         def timed(kind, config, fn):
             try:
@@ -508,7 +504,7 @@ def sweep_decode(deadline: float) -> list[dict]:
 
         memset = time_graph([lambda s=s: s["z"].zero_() for s in setup.sets], replays=20) * 1e6
         rows.append(dict(case=case.name, kind="z memset", config=None, us=memset, default=False))
-        candidates = [default_s] + [tiles.ShrinkTiles(bk, block_r, split, w, 3) for bk, w in shrink_shapes
+        candidates = [default_s] + [tiles.ShrinkTiles(bk, default_s.block_r, split, w, 3) for bk, w in shrink_shapes
                                     for split in splits if split <= tiles.cdiv(case.k, bk)]
         for c in dict.fromkeys(candidates):
             if time.time() < deadline:
@@ -522,8 +518,8 @@ def sweep_decode(deadline: float) -> list[dict]:
             mine = sorted((r for r in rows if r["case"] == case.name and r["kind"] == kind and r["us"] is not None),
                           key=lambda r: r["us"])
             base = next((r["us"] for r in mine if r["default"]), None)
-            print(f"sweep-decode {case.name} | {kind} | default {fmt(base, '.1f')} us | z memset {memset:.1f} us | best: "
-                  + "; ".join(f"{r['us']:.1f} {tuple(r['config'].values())}" for r in mine[:5]), flush=True)
+            print(f"sweep-decode {case.name} | {kind} | default {fmt(base, '.1f')} us | z memset {memset:.1f} us | "
+                  "best: " + "; ".join(f"{r['us']:.1f} {tuple(r['config'].values())}" for r in mine[:5]), flush=True)
         del setup
         torch.cuda.empty_cache()
     return rows
