@@ -11,6 +11,7 @@ the default) and serially in place, in the same run.
     PYTHONPATH=. python bench/engine.py [--batches 1,8,32,64,128,256] [--context 256] [--json out.json]
         [--shape 7b|13b|70b|tiny] [--tensor-parallel-size N] [--fully-sharded-loras] [--max-distinct 64]
         [--decode-kernels default|fused|split|fused,split] [--lora-schedule overlap|serial|overlap,serial]
+        [--lora-pdl on|off|on,off]
         [--no-prefill]
     PYTHONPATH=. python bench/engine.py --tiny   # the tiny shape, batches 1,4, context 16, prefill 64 tokens
     # (a smoke run on whatever device there is; on a CPU, TRITON_INTERPRET=1 ... --tiny --kernels triton
@@ -124,18 +125,20 @@ def prefill_step_time(engine: LLMEngine, num_tokens: int, lora_names: list[str |
     return statistics.median(times)
 
 
-def set_lora_schedule(engine: LLMEngine, schedule: str, carveout=...) -> None:
+def set_lora_schedule(engine: LLMEngine, schedule: str, carveout=..., pdl: bool = True) -> None:
     """overlap: the LoRA on its own stream beside the base GEMM, deferred to the next op (the
     engine's default); serial: on the main stream, added in place. ``carveout``: SMs that a GEMM
     beside the LoRA stream leaves to it (Ops.lora_sm_carveout: an int, or None for the engine's
-    choice; left out, unchanged). The decode graphs captured under other settings are dropped (the
-    next step of each bucket captures its own)."""
+    choice; left out, unchanged). ``pdl``: each expand launched while its shrink runs (Ops.lora_pdl).
+    The decode graphs captured under other settings are dropped (the next step of each bucket captures
+    its own)."""
     ops = engine.runner.ops
     on = schedule != "serial"
     carveout = ops.lora_sm_carveout if carveout is ... else carveout
-    if (ops.overlap_lora, ops.defer_lora, ops.lora_sm_carveout) != (on, on, carveout):
+    if (ops.overlap_lora, ops.defer_lora, ops.lora_sm_carveout, ops.lora_pdl) != (on, on, carveout, pdl):
         ops.overlap_lora = ops.defer_lora = on
         ops.lora_sm_carveout = carveout
+        ops.lora_pdl = pdl
         if engine.runner.graphs is not None:
             engine.runner.graphs.recapture_lazily()
 
@@ -194,6 +197,9 @@ def main() -> None:
     ap.add_argument("--lora-sm-carveout", default="",
                     help="comma-separated SM counts that a GEMM beside the LoRA stream leaves to it (each decode "
                          "LoRA row under each; default: the engine's)")
+    ap.add_argument("--lora-pdl", default="on", help="on, off or on,off: each split expand launched while its "
+                    "shrink runs (programmatic dependent launch, where the GPU has it) or after its end; off rows "
+                    "are labelled no-pdl")
     ap.add_argument("--tiny", action="store_true", help="--shape tiny, batches 1,4, context 16, prefill 64 tokens, "
                     "on CUDA if there is one, else on the CPU (a smoke run: the figures mean nothing)")
     ap.add_argument("--kernels", default="auto", help="engine.json kernels: auto, triton (on a CPU with "
@@ -238,14 +244,17 @@ def main() -> None:
     choices = {"default": tiles.lora_fused, "fused": lambda block_m: True, "split": lambda block_m: False}
     decode_kernels = args.decode_kernels.split(",")
     schedules = args.lora_schedule.split(",")
+    pdl_choices = args.lora_pdl.split(",")
     if not (runner.ops.use_kernels and size == 1):
         decode_kernels = ["default"]  # the choice is made in this process: not for other ranks' kernels
         schedules = ["overlap"]
+        pdl_choices = ["on"]
     # each LoRA row under each (kernel, schedule); the fused kernel has no schedule of its own
     carveouts = [int(c) for c in args.lora_sm_carveout.split(",")] if args.lora_sm_carveout else [None]
     default_carveout = runner.ops.lora_sm_carveout
     decode_choices = [k if k == "fused" else f"{k} {s}" + ("" if c is None or s == "serial" else f" {c}")
-                      for k in decode_kernels for s in schedules for c in carveouts]
+                      + (" no-pdl" if p == "off" else "")
+                      for k in decode_kernels for s in schedules for c in carveouts for p in pdl_choices]
     decode_choices = list(dict.fromkeys(decode_choices))
 
     def adapter_bytes(name: str) -> int:  # one rank's shard
@@ -263,9 +272,11 @@ def main() -> None:
                                   sum(adapter_bytes(n) for n in set(mixed)), kernel))
         for label, names, a_bytes, kernel in cases:
             words = kernel.split()
+            pdl = words[-1] != "no-pdl"
+            words = words if pdl else words[:-1]
             tiles.lora_fused = choices.get(words[0], choices["default"])
             set_lora_schedule(engine, words[1] if len(words) > 1 else "overlap",
-                              int(words[2]) if len(words) > 2 else default_carveout)
+                              int(words[2]) if len(words) > 2 else default_carveout, pdl)
             try:
                 engine.config.async_scheduling = False  # the same step without overlap, for comparison
                 sync_seconds, _ = decode_step_time(engine, batch, args.context, names, args.steps)

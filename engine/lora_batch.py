@@ -146,7 +146,8 @@ class LoRABatch:
             # not kept across layers (the largest, gate_up's, is what ModelRunner's memory profile adds)
             addend = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
             ops.lora_shrink(x, pool, layer, self, meta, z, z_zeroed=True)
-            ops.lora_expand(z, pool, layer, self, meta, addend, accumulate=False, zero_after=z_next)
+            ops.lora_expand(z, pool, layer, self, meta, addend, accumulate=False, zero_after=z_next,
+                            after_shrink=True)
             return ops.linear_plus(x, weight, addend), None
         delta = None
         if defer and self.defer:
@@ -157,14 +158,16 @@ class LoRABatch:
             y = ops.linear(x, weight, bias)
             ops.lora_shrink(x, pool, layer, self, meta, z, z_zeroed=True)
             if delta is not None:
-                ops.lora_expand(z, pool, layer, self, meta, delta, accumulate=False, zero_after=z_next)
+                ops.lora_expand(z, pool, layer, self, meta, delta, accumulate=False, zero_after=z_next,
+                                after_shrink=True)
         else:
             main = torch.cuda.current_stream(x.device)
             self.stream.wait_stream(main)  # x is ready; z and delta are free (the ops that read them are queued)
             with torch.cuda.stream(self.stream):
                 ops.lora_shrink(x, pool, layer, self, meta, z, z_zeroed=True)
                 if delta is not None:
-                    ops.lora_expand(z, pool, layer, self, meta, delta, accumulate=False, zero_after=z_next)
+                    ops.lora_expand(z, pool, layer, self, meta, delta, accumulate=False, zero_after=z_next,
+                                    after_shrink=True)
             with ops.gemm_beside_lora(x.device, x.shape[0]):
                 y = ops.linear(x, weight, bias)
             main.wait_stream(self.stream)

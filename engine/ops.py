@@ -38,6 +38,9 @@ class Ops:
         # SMs that a base GEMM beside the LoRA stream leaves free for the LoRA kernels (gemm_beside_lora):
         # None takes tiles.lora_sm_carveout's choice per step size, an int overrides it (bench/engine.py)
         self.lora_sm_carveout: int | None = None
+        # an expand right after its shrink starts while the shrink runs (programmatic dependent launch,
+        # kernels/lora_expand.py), where the device has it; off for comparison (bench/engine.py)
+        self.lora_pdl = True
         self._lora_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._elementwise = reference  # the element-wise ops: these twins or kernels.elementwise (same API)
         if use_kernels:  # Triton modules are imported only when used (CPU runs stay Triton-free)
@@ -147,16 +150,20 @@ class Ops:
             reference.lora_shrink(*args, z_zeroed=z_zeroed)
 
     def lora_expand(self, z: torch.Tensor, pool: torch.Tensor, layer: int, lora: "LoRABatch", group: "GroupMeta",
-                    y: torch.Tensor, accumulate: bool = True, zero_after: torch.Tensor | None = None) -> None:
+                    y: torch.Tensor, accumulate: bool = True, zero_after: torch.Tensor | None = None,
+                    after_shrink: bool = False) -> None:
         """y[t, off_p:off_p+N_p] += scale_p z[t, p, :r] B_p^T through the page tables (expand).
 
         z: [T, NPROJ, R_MAX] float32 from lora_shrink; y: [T, N_total] the fused projection's
         output, added to in place at the group's out_offsets; with ``accumulate`` False, a delta
         buffer that gets scale_p z B_p^T itself (zeros for a module the adapter lacks);
-        zero_after: another z buffer, zeroed where this expand reads z (for the next shrink into it)."""
+        zero_after: another z buffer, zeroed where this expand reads z (for the next shrink into it);
+        after_shrink: the launch just before this one on the current stream is the shrink of z (then the
+        kernels may start the expand early: lora_expand's pdl)."""
         args = (z, pool, layer, lora.token_slots, lora.page_tables, group.ranks, group.b_offsets, group.scales, y,
                 group.out_offsets, group.out_sizes)
         if self.use_kernels:
-            self._expand(*args, meta=lora.kernel_meta, accumulate=accumulate, zero_after=zero_after)
+            self._expand(*args, meta=lora.kernel_meta, accumulate=accumulate, zero_after=zero_after,
+                         pdl=after_shrink and self.lora_pdl)
         else:
             reference.lora_expand(*args, accumulate=accumulate, zero_after=zero_after)

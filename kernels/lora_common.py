@@ -19,6 +19,11 @@ import triton.language as tl
 
 from kernels.lora_meta import LoRAStepMeta
 
+try:  # grid dependency control (programmatic dependent launch, sm_90 on): Triton 3.3 on
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: pdl_supported() is False, the kernels never call them
+    gdc_launch_dependents = gdc_wait = None
+
 # widest vector (in elements) we promise the compiler; 8 x fp16 = 16 bytes
 MAX_VEC = 8
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -39,6 +44,19 @@ def row_pages(page_table_ptr, num_pages, row_start, row_len, row_mask, page_stri
     needs_second = row_mask & (in_page + row_len > PAGE) & (page_idx + 1 < num_pages)
     second = tl.load(page_table_ptr + page_idx + 1, mask=needs_second, other=0).to(tl.int64)
     return in_page, first * page_stride, second * page_stride - PAGE
+
+
+@triton.jit
+def loop_pages(page_table_ptr, num_pages, row_start, row_len, row_mask, page_stride, PAGE: tl.constexpr,
+               ROW_IN_TWO_PAGES: tl.constexpr):
+    """What shrink_k_loop and expand_n_loop take as the rows' pages: those of row_pages when whole rows
+    fit a page's length (gathered once, before the loop, so that the loop's loads depend on no other
+    load and pipeline), else placeholders (piece_offsets gathers each piece's pages in the loop)."""
+    if ROW_IN_TWO_PAGES:
+        in_page, first, second = row_pages(page_table_ptr, num_pages, row_start, row_len, row_mask, page_stride, PAGE)
+    else:
+        in_page, first, second = row_start, row_start, row_start
+    return in_page, first, second
 
 
 @triton.jit
@@ -77,10 +95,8 @@ def shrink_k_loop(acc, x_ptr, pool_ptr, tok, m_mask, x_stride_t, page_table_ptr,
                   DOT_PRECISION: tl.constexpr):
     """acc [BLOCK_M, BLOCK_R] += x[tok, k_lo:k_hi] A[rows, k_lo:k_hi]^T: tok [BLOCK_M] token rows of x
     (m_mask), row_start [BLOCK_R] virtual starts of A's rows in the slot's pages (row_mask)."""
-    if ROW_IN_TWO_PAGES:  # page ids once per A row; the loop's loads then depend on no other load
-        in_page, first, second = row_pages(page_table_ptr, num_pages, row_start, K, row_mask, page_stride, PAGE)
-    else:  # gathered per piece in the loop (piece_offsets)
-        in_page, first, second = row_start, row_start, row_start
+    in_page, first, second = loop_pages(page_table_ptr, num_pages, row_start, K, row_mask, page_stride, PAGE,
+                                        ROW_IN_TWO_PAGES)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
@@ -95,17 +111,14 @@ def shrink_k_loop(acc, x_ptr, pool_ptr, tok, m_mask, x_stride_t, page_table_ptr,
 
 @triton.jit
 def expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
-                  n_lo, n_hi, scale, page_stride, layer_offset,
+                  in_page, first, second, n_lo, n_hi, scale, page_stride, layer_offset,
                   PAGE: tl.constexpr, VEC: tl.constexpr, BLOCK_N: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr = True):
     """y[rows, n_lo:n_hi] += scale * zt B^T[:, n_lo:n_hi] (ACCUMULATE; else y[...] = scale * zt B^T,
     rounded to y's dtype, without reading y): zt [BLOCK_M, BLOCK_R] in the pool's dtype, y_rows
     [BLOCK_M] offsets of the tokens' first output column (m_mask), row_start [BLOCK_R] virtual
-    starts of B^T's rows (r_mask), each n_size long."""
-    if ROW_IN_TWO_PAGES:  # page ids once per B^T row; the loop's loads then depend on no other load
-        in_page, first, second = row_pages(page_table_ptr, num_pages, row_start, n_size, r_mask, page_stride, PAGE)
-    else:  # gathered per piece in the loop (piece_offsets)
-        in_page, first, second = row_start, row_start, row_start
+    starts of B^T's rows (r_mask), each n_size long; in_page, first, second: loop_pages of those rows
+    (the caller gathers them, so that it may do so before it waits for the kernel before it)."""
     cols = tl.arange(0, BLOCK_N)
     y_row_ptrs = y_ptr + y_rows[:, None]  # [BLOCK_M, 1]
     y_dtype = y_ptr.dtype.element_ty
@@ -135,6 +148,15 @@ def step_meta(meta: LoRAStepMeta | None, token_slots: torch.Tensor, num_slots: i
         meta = LoRAStepMeta.build(token_slots, num_slots)
     meta.check(token_slots, num_slots)
     return meta
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may be launched with programmatic dependent launch: a CUDA device
+    of compute capability 9.0 or more and a Triton with grid dependency control. Not in the interpreter,
+    which has no such instructions (what they change is when a kernel starts, never what it computes)."""
+    return (device.type == "cuda" and gdc_wait is not None
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 @functools.lru_cache(maxsize=None)

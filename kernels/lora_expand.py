@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from kernels import tiles
-from kernels.lora_common import check_lora_args, check_output, check_z, expand_n_loop, sm_count, step_meta, vec_width
+from kernels.lora_common import (check_lora_args, check_output, check_z, expand_n_loop, gdc_wait, loop_pages,
+                                 pdl_supported, sm_count, step_meta, vec_width)
 from kernels.lora_meta import LoRAStepMeta
 
 # projections per launch; the launcher splits larger groups
@@ -34,7 +35,7 @@ def _lora_expand_kernel(
     y_stride_t, pt_stride_s, z_stride_t, z_stride_p,
     NPROJ: tl.constexpr, PROJ_BASE: tl.constexpr, PAGE: tl.constexpr, VEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_IN_TWO_PAGES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, ZERO_NEXT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, ZERO_NEXT: tl.constexpr, WAIT_PRIOR: tl.constexpr,
 ):
     pid_tile = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -56,6 +57,17 @@ def _lora_expand_kernel(
     tok = tl.load(sorted_ids_ptr + tl.load(tile_starts_ptr + pid_tile) + offs_m, mask=m_mask, other=0).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)  # BLOCK_R >= R_MAX: the whole rank in one step, masked by this slot's rank
     r_mask = offs_r < rank
+    b_offset = tl.load(b_offsets_ptr + slot * NPROJ + proj, mask=slot >= 0, other=0).to(tl.int32)
+    scale = tl.load(scales_ptr + slot * NPROJ + proj, mask=slot >= 0, other=0.0)
+    row_start = b_offset + offs_r * n_size  # [BLOCK_R] virtual start of each B^T row
+    page_table_ptr = page_tables_ptr + tl.maximum(slot, 0) * pt_stride_s  # rank 0: its loads are all masked
+    in_page, first, second = loop_pages(page_table_ptr, num_pages, row_start, n_size, r_mask, page_stride, PAGE,
+                                        ROW_IN_TWO_PAGES)
+    if WAIT_PRIOR:
+        # launched early (programmatic dependent launch): what is read above are the step's tables, written
+        # before the kernel before this one (the shrink) began; z (that shrink's output) and y are read,
+        # and anything written, only once that kernel has finished and its writes are visible
+        gdc_wait()
     z_offs = (tok * z_stride_t + proj * z_stride_p)[:, None] + offs_r[None, :]
     z_mask = m_mask[:, None] & r_mask[None, :]
     zt = tl.load(z_ptr + z_offs, mask=z_mask, other=0.0)  # [BLOCK_M, BLOCK_R] fp32
@@ -63,26 +75,21 @@ def _lora_expand_kernel(
         if pid_n == 0:
             tl.store(z_next_ptr + z_offs, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), mask=z_mask)
     zt = zt.to(pool_ptr.dtype.element_ty)
-    b_offset = tl.load(b_offsets_ptr + slot * NPROJ + proj, mask=slot >= 0, other=0).to(tl.int32)
-    scale = tl.load(scales_ptr + slot * NPROJ + proj, mask=slot >= 0, other=0.0)
-    row_start = b_offset + offs_r * n_size  # [BLOCK_R] virtual start of each B^T row
-    page_table_ptr = page_tables_ptr + tl.maximum(slot, 0) * pt_stride_s  # rank 0: its loads are all masked
     y_rows = tok * y_stride_t + y_offset  # [BLOCK_M]
     if b_offset % VEC == 0:  # 16-byte loads need the adapter's rows aligned, checked per slot
         expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
-                      n_lo, n_hi, scale, page_stride, layer_offset,
+                      in_page, first, second, n_lo, n_hi, scale, page_stride, layer_offset,
                       PAGE, VEC, BLOCK_N, ROW_IN_TWO_PAGES, DOT_PRECISION, ACCUMULATE)
     else:
         expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, row_start, r_mask, n_size,
-                      n_lo, n_hi, scale, page_stride, layer_offset,
+                      in_page, first, second, n_lo, n_hi, scale, page_stride, layer_offset,
                       PAGE, 1, BLOCK_N, ROW_IN_TWO_PAGES, DOT_PRECISION, ACCUMULATE)
-
 
 def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: torch.Tensor,
                 page_tables: torch.Tensor, ranks: torch.Tensor, b_offsets: torch.Tensor, scales: torch.Tensor,
                 y: torch.Tensor, out_offsets: list[int], out_sizes: list[int], *,
                 meta: LoRAStepMeta | None = None, config: tiles.ExpandTiles | None = None,
-                accumulate: bool = True, zero_after: torch.Tensor | None = None) -> None:
+                accumulate: bool = True, zero_after: torch.Tensor | None = None, pdl: bool = False) -> None:
     """y[t, off_p : off_p + N_p] += scale_p * z[t, p, :r] B_p^T for every token with an adapter, in place.
 
     z: [T, NPROJ, R_MAX] float32 contiguous, from lora_shrink
@@ -103,6 +110,12 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     zero_after: a tensor like z (another layer's z buffer) whose entries z[t, p, :r] this launch reads are
     set to zero in it (tokens with an adapter, projections of rank r > 0; the rest untouched), so that
     the next lora_shrink into it may skip its memset (z_zeroed)
+    pdl: the kernel just before this one in its stream is the lora_shrink that wrote z, and no kernel
+    since the tables (meta, page_tables, ranks, b_offsets, scales) and the pool were written has been
+    launched with pdl. Then, on a device that has it (lora_common.pdl_supported), the launch is a
+    programmatic dependent launch: the programs start while the shrink runs (it lets them at its
+    start), gather the tables and page ids, and wait for the shrink's end before they read z or y or
+    write anything
     """
     num_tokens = y.shape[0]
     check_z("lora_expand", z, num_tokens, pool.device)
@@ -132,7 +145,9 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
         raise ValueError(f"lora_expand: block_n {config.block_n} exceeds the page size {page_size} (rows of "
                          f"N = {max(out_sizes)} are read in page-sized pieces)")
     cols_per_program = config.block_n * config.chunks_per_program
+    pdl = pdl and pdl_supported(pool.device)
     for base in range(0, num_proj, MAX_PROJ):
+        early = pdl and base == 0  # a later launch comes after the first, not after the shrink
         sizes = list(out_sizes[base:base + MAX_PROJ])
         offsets = list(out_offsets[base:base + MAX_PROJ])
         count = len(sizes)
@@ -149,6 +164,6 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
             NPROJ=num_proj, PROJ_BASE=base, PAGE=page_size, VEC=vec_width(page_size, *out_sizes[base:base + count]),
             BLOCK_M=meta.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, ROW_IN_TWO_PAGES=row_in_two_pages,
             DOT_PRECISION="ieee" if y.dtype == torch.float32 else "tf32", ACCUMULATE=accumulate,
-            ZERO_NEXT=zero_after is not None,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            ZERO_NEXT=zero_after is not None, WAIT_PRIOR=early,
+            num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=early,
         )

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from kernels import tiles
-from kernels.lora_common import (check_lora_args, check_output, expand_n_loop, shrink_k_loop, sm_count, step_meta,
-                                 vec_width)
+from kernels.lora_common import (check_lora_args, check_output, expand_n_loop, loop_pages, shrink_k_loop, sm_count,
+                                 step_meta, vec_width)
 from kernels.lora_meta import LoRAStepMeta
 
 # projections per launch; the launcher splits larger groups
@@ -56,13 +56,15 @@ def _fused_item(x_ptr, pool_ptr, y_ptr, tok, m_mask, slot, proj, rank, n_size, y
     b_offset = tl.load(b_offsets_ptr + slot * NPROJ + proj).to(tl.int32)
     scale = tl.load(scales_ptr + slot * NPROJ + proj)
     b_rows = b_offset + offs_r * n_size  # [BLOCK_R] virtual start of each B^T row
+    in_page, first, second = loop_pages(page_table_ptr, num_pages, b_rows, n_size, r_mask, page_stride, PAGE,
+                                        B_IN_TWO_PAGES)
     if b_offset % VEC_B == 0:
         expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, b_rows, r_mask, n_size,
-                      n_lo, n_hi, scale, page_stride, layer_offset,
+                      in_page, first, second, n_lo, n_hi, scale, page_stride, layer_offset,
                       PAGE, VEC_B, BLOCK_N, B_IN_TWO_PAGES, DOT_PRECISION)
     else:
         expand_n_loop(zt, pool_ptr, y_ptr, y_rows, m_mask, page_table_ptr, num_pages, b_rows, r_mask, n_size,
-                      n_lo, n_hi, scale, page_stride, layer_offset,
+                      in_page, first, second, n_lo, n_hi, scale, page_stride, layer_offset,
                       PAGE, 1, BLOCK_N, B_IN_TWO_PAGES, DOT_PRECISION)
 
 

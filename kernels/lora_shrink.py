@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from kernels import tiles
-from kernels.lora_common import check_lora_args, check_z, shrink_k_loop, sm_count, step_meta, vec_width
+from kernels.lora_common import (check_lora_args, check_z, gdc_launch_dependents, pdl_supported, shrink_k_loop,
+                                 sm_count, step_meta, vec_width)
 from kernels.lora_meta import LoRAStepMeta
 
 
@@ -26,8 +27,10 @@ def _lora_shrink_kernel(
     x_stride_t, pt_stride_s, z_stride_t, z_stride_p,
     NPROJ: tl.constexpr, PAGE: tl.constexpr, VEC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    ROW_IN_TWO_PAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROW_IN_TWO_PAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
+    if LAUNCH_DEPENDENTS:  # an expand launched after it with pdl may start now; it waits for this
+        gdc_launch_dependents()  # kernel's end before it reads z
     pid_tile = tl.program_id(0)
     pid_r = tl.program_id(1) // split_k
     pid_k = tl.program_id(1) % split_k
@@ -94,6 +97,9 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     z_zeroed: the caller promises that z holds zeros wherever this launch writes (the rows of tokens
     with an adapter, ranks below each adapter's), so the memset is skipped: lora_expand(zero_after=z)
     of the layer before leaves it so (engine/lora_batch.py's two z buffers per group)
+    On a device with programmatic dependent launch (lora_common.pdl_supported) the kernel lets the
+    next one in its stream start at once: only lora_expand(pdl=True) makes use of that, and it waits
+    for this kernel's end before it reads z.
     """
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"lora_shrink: x must be [T, K] with unit stride along K, got shape "
@@ -130,5 +136,6 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
         NPROJ=num_proj, PAGE=page_size, VEC=vec_width(k, page_size),
         BLOCK_M=meta.block_m, BLOCK_K=config.block_k, BLOCK_R=config.block_r,
         ROW_IN_TWO_PAGES=row_in_two_pages, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        LAUNCH_DEPENDENTS=pdl_supported(pool.device),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import tiles  # noqa: E402
 from kernels.lora_common import vec_width  # noqa: E402
 from kernels.lora_fused import _lora_fused_kernel  # noqa: E402
+from tools.sm90_binary import compile_sm90, registers  # noqa: E402
 
 # (K, projections, largest N) of Llama-7B's projection groups
 GROUPS = {"qkv": (4096, 3, 4096), "o": (4096, 1, 4096), "gate_up": (4096, 2, 11008), "down": (11008, 1, 4096)}
-POINTERS = {"sorted_ids_ptr": "*i32", "tile_starts_ptr": "*i32", "tile_lens_ptr": "*i32", "tile_slots_ptr": "*i32",
-            "num_lora_tiles_ptr": "*i32", "page_tables_ptr": "*i32", "ranks_ptr": "*i32", "a_offsets_ptr": "*i64",
-            "b_offsets_ptr": "*i64", "scales_ptr": "*fp32"}
 DIVISIBLE = ("K", "max_n", "N0", "N1", "N2", "OFF1", "OFF2", "layer_offset", "page_stride", "x_stride_t",
              "y_stride_t")
 
@@ -42,26 +36,8 @@ def resources(dtype: str, page: int, group: str, block_m: int, rank: int) -> str
                       SMALL_BLOCK_N=cfg.small_block_n, COL_BLOCK=max(cfg.block_n, cfg.small_block_n),
                       A_IN_TWO_PAGES=k <= page, B_IN_TWO_PAGES=max_n <= page,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
-    signature, attrs = {}, {}
-    for i, name in enumerate(_lora_fused_kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = POINTERS.get(name, f"*{dtype}")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32"
-            if name in DIVISIBLE:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(ASTSource(_lora_fused_kernel, signature, constexprs, attrs),
-                            target=GPUTarget("cuda", 90, 64),
-                            options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-    line = next((entry.split("SHARED")[0].strip() for entry in usage.splitlines() if "REG:" in entry), "?")
+    kernel = compile_sm90(_lora_fused_kernel, constexprs, dtype, DIVISIBLE, cfg.num_warps, cfg.num_stages)
+    line = registers(kernel)
     return (f"| {group} | {block_m} | {constexprs['BLOCK_R']} | {cfg.block_k} x {cfg.block_n} | {cfg.num_warps} | "
             f"{cfg.num_stages} | {line} | {kernel.metadata.shared // 1024} kB |")
 

@@ -141,6 +141,17 @@ def run_and_compare(ap: AdapterPool, token_slots: list[int], k: int, out_sizes: 
         rows = has_adapter.nonzero().flatten()
         if rows.numel():
             assert_close(d[rows][:, covered], d_ref[rows][:, covered], dtype)
+        # the pair as the engine launches it: the expand started while its shrink runs (pdl, on a GPU that
+        # has programmatic dependent launch) reads the z that the shrink finished
+        z_pre.zero_()
+        lora_shrink(x, ap.pool, layer, slots, ap.page_tables, ap.ranks, ap.a_offsets, z_pre, meta=meta,
+                    config=shrink_config, z_zeroed=True)
+        d_pdl = torch.full_like(y, float("nan"))
+        lora_expand(z_pre, ap.pool, layer, slots, ap.page_tables, ap.ranks, ap.b_offsets, ap.scales, d_pdl,
+                    out_offsets, out_sizes, meta=meta, config=expand_config, accumulate=False, pdl=True)
+        if rows.numel():
+            assert_close(d_pdl[rows][:, covered], d_ref[rows][:, covered], dtype)
+        assert d_pdl[:, ~covered].isnan().all() and (d_pdl[~has_adapter][:, covered] == 0).all()
         assert d[:, ~covered].isnan().all(), "stored outside the projections' columns"
         assert (d[~has_adapter][:, covered] == 0).all() and (d_ref[~has_adapter][:, covered] == 0).all(), \
             "a token without an adapter must store zeros"

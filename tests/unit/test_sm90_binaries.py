@@ -1,0 +1,36 @@
+"""The split LoRA kernels compiled for sm_90 as the H200 runs them (tools/sm90_binary.py, here without a
+GPU): the interpreter that runs them in CI never compiles them, so what only the compiler rejects (a
+type that differs between two branches, a register spill) would reach the GPU machine first.
+
+The decode pair is also checked for its programmatic dependent launch: the shrink lets the next kernel
+start before it reads anything, and the expand, launched with the attribute, gathers its tables before
+its one wait and writes nothing before it (z and y are the shrink's and the step's)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_split_pair_decode_binaries(dtype):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "sm90_binary.py"), dtype], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    binaries = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, b in binaries.items():
+        assert b["registers"].endswith("STACK:0"), f"{name} spills: {b['registers']}"
+        assert b["loads"] and b["stores"], name
+    shrink, expand = binaries["shrink"], binaries["expand"]
+    assert not shrink["launch_pdl"] and not shrink["wait"]
+    assert len(shrink["launch_dependents"]) == 1 and shrink["launch_dependents"][0] < min(shrink["loads"])
+    assert expand["launch_pdl"] and not expand["launch_dependents"]
+    assert len(expand["wait"]) == 1
+    wait = expand["wait"][0]
+    assert min(expand["stores"]) > wait  # z_next's zeros and the delta only after the shrink's end
+    early = [i for i in expand["loads"] if i < wait]
+    assert 0 < len(early) < len(expand["loads"])  # the tables and page ids before, z and B after
