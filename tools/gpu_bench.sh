@@ -22,6 +22,9 @@
 #                                # decode graphs' (and prefill's) shapes, then the rank-bound graph test
 #   tools/gpu_bench.sh final     # bench/engine.py at BATCHES (default 1,32,64) with prefill, bench/kernels.py
 #                                # --lora-only, then fp16 fidelity and the CUDA LoRA tests
+#   tools/gpu_bench.sh pdl       # the LoRA kernel tests (fp16, with the pair launched as the engine does) and the
+#                                # LoRA stream's, bench/kernels.py --lora-only (with and without PDL); then, with
+#                                # ENGINE=1, bench/engine.py at BATCHES (default 1,64) --lora-pdl on,off
 #   tools/gpu_bench.sh trace     # the LoRA kernel tests on CUDA, tools/trace_step.py (kernel and stream timelines of
 #                                # decode graphs and prefill steps), bench/engine.py at BATCHES (default 64) with prefill
 #
@@ -132,6 +135,16 @@ case "${1:-}" in
         step "${TESTS_LIMIT:-180}" gpu_tests python -m pytest -q tests/fidelity/test_gpu_fp16.py \
             tests/unit/test_lora_deferred.py ${FINAL_TESTS:-tests/unit/test_decode_graphs.py} -p no:cacheprovider -rs -s
         ;;
+    pdl)  # programmatic dependent launch of the expand: correctness first, then the pair with and without it
+        if [ -z "${ENGINE:-}" ]; then
+            step "${TESTS_LIMIT:-150}" gpu_lora_tests python -m pytest -q -x tests/kernels/test_lora.py \
+                tests/unit/test_lora_deferred.py -k "not bfloat16 and not real_shapes" -p no:cacheprovider -rs
+            step 200 kernels python bench/kernels.py --lora-only --json "$OUT/bench_kernels_h200.json"
+        else
+            step 420 engine python bench/engine.py --batches "${BATCHES:-1,64}" --lora-pdl on,off \
+                --json "$OUT/bench_engine_h200.json"
+        fi
+        ;;
     warmstart)
         step 500 warm_start python tools/check_warm_start.py --compare --json "$OUT/warm_start_h200.json"
         ;;
@@ -140,7 +153,7 @@ case "${1:-}" in
         step 540 upload /tmp/multilora-venv/bin/python bench/upload.py --runs 5 --server-log "$OUT/tritonserver_upload.log"
         ;;
     *)
-        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart|lora|overlap|upload|kernels|sweep|sweepdecode|trace|final" >&2
+        echo "usage: $0 engine|serving|checks|saturation|coldstart|warmstart|lora|overlap|upload|kernels|sweep|sweepdecode|pdl|trace|final" >&2
         exit 2
         ;;
 esac
