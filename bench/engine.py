@@ -11,7 +11,7 @@ the default) and serially in place, in the same run.
     PYTHONPATH=. python bench/engine.py [--batches 1,8,32,64,128,256] [--context 256] [--json out.json]
         [--shape 7b|13b|70b|tiny] [--tensor-parallel-size N] [--fully-sharded-loras] [--max-distinct 64]
         [--decode-kernels default|fused|split|fused,split] [--lora-schedule overlap|serial|overlap,serial]
-        [--lora-pdl on|off|on,off]
+        [--pdl on|off|on,off]
         [--no-prefill]
     PYTHONPATH=. python bench/engine.py --tiny   # the tiny shape, batches 1,4, context 16, prefill 64 tokens
     # (a smoke run on whatever device there is; on a CPU, TRITON_INTERPRET=1 ... --tiny --kernels triton
@@ -129,16 +129,17 @@ def set_lora_schedule(engine: LLMEngine, schedule: str, carveout=..., pdl: bool 
     """overlap: the LoRA on its own stream beside the base GEMM, deferred to the next op (the
     engine's default); serial: on the main stream, added in place. ``carveout``: SMs that a GEMM
     beside the LoRA stream leaves to it (Ops.lora_sm_carveout: an int, or None for the engine's
-    choice; left out, unchanged). ``pdl``: each expand launched while its shrink runs (Ops.lora_pdl).
+    choice; left out, unchanged). ``pdl``: the Triton kernels launched with programmatic dependent
+    launch (Ops.pdl).
     The decode graphs captured under other settings are dropped (the next step of each bucket captures
     its own)."""
     ops = engine.runner.ops
     on = schedule != "serial"
     carveout = ops.lora_sm_carveout if carveout is ... else carveout
-    if (ops.overlap_lora, ops.defer_lora, ops.lora_sm_carveout, ops.lora_pdl) != (on, on, carveout, pdl):
+    if (ops.overlap_lora, ops.defer_lora, ops.lora_sm_carveout, ops.pdl) != (on, on, carveout, pdl):
         ops.overlap_lora = ops.defer_lora = on
         ops.lora_sm_carveout = carveout
-        ops.lora_pdl = pdl
+        ops.pdl = pdl
         if engine.runner.graphs is not None:
             engine.runner.graphs.recapture_lazily()
 
@@ -197,9 +198,9 @@ def main() -> None:
     ap.add_argument("--lora-sm-carveout", default="",
                     help="comma-separated SM counts that a GEMM beside the LoRA stream leaves to it (each decode "
                          "LoRA row under each; default: the engine's)")
-    ap.add_argument("--lora-pdl", default="on", help="on, off or on,off: each split expand launched while its "
-                    "shrink runs (programmatic dependent launch, where the GPU has it) or after its end; off rows "
-                    "are labelled no-pdl")
+    ap.add_argument("--pdl", default="on", help="on, off or on,off: the Triton kernels launched with programmatic "
+                    "dependent launch where the GPU has it (each starts while the kernel before it ends, a split "
+                    "expand while its shrink runs), or each after the one before; off rows are labelled no-pdl")
     ap.add_argument("--tiny", action="store_true", help="--shape tiny, batches 1,4, context 16, prefill 64 tokens, "
                     "on CUDA if there is one, else on the CPU (a smoke run: the figures mean nothing)")
     ap.add_argument("--kernels", default="auto", help="engine.json kernels: auto, triton (on a CPU with "
@@ -244,7 +245,7 @@ def main() -> None:
     choices = {"default": tiles.lora_fused, "fused": lambda block_m: True, "split": lambda block_m: False}
     decode_kernels = args.decode_kernels.split(",")
     schedules = args.lora_schedule.split(",")
-    pdl_choices = args.lora_pdl.split(",")
+    pdl_choices = args.pdl.split(",")
     if not (runner.ops.use_kernels and size == 1):
         decode_kernels = ["default"]  # the choice is made in this process: not for other ranks' kernels
         schedules = ["overlap"]
@@ -261,8 +262,8 @@ def main() -> None:
         return engine.lora.get(name).num_bytes // size
     rows = []
     for batch in batches:
-        lora_off_tps = None
-        cases = [("LoRA off", [None] * batch, 0, "-")]
+        lora_off_tps = {}  # per PDL choice
+        cases = [("LoRA off", [None] * batch, 0, "-" if p == "on" else "- no-pdl") for p in pdl_choices]
         for label, names in adapters.items():
             mixed = [names[i % len(names)] for i in range(batch)]
             for kernel in decode_choices:
@@ -287,13 +288,13 @@ def main() -> None:
                 set_lora_schedule(engine, "overlap", default_carveout)
             floor = (w_bytes + a_bytes + batch * ctx * kv_per_token) / bandwidth
             tps = batch / seconds
-            lora_off_tps = lora_off_tps or tps  # the first case is LoRA off
+            lora_off_tps.setdefault(pdl, tps)  # the first cases are LoRA off
             rows.append({"batch": batch, "case": label, "lora_kernels": kernel, "step_ms": seconds * 1e3,
                          "sync_step_ms": sync_seconds * 1e3, "floor_ms": floor * 1e3, "frac_of_floor": floor / seconds,
-                         "tokens_per_s": tps, "lora_on_off": tps / lora_off_tps})
+                         "tokens_per_s": tps, "lora_on_off": tps / lora_off_tps[pdl]})
             print(f"{batch:>5} | {label:<34} | {kernel:<15} | {seconds * 1e3:8.2f} ms (sync {sync_seconds * 1e3:6.2f}) | "
                   f"floor {floor * 1e3:6.2f} ms | {floor / seconds:5.2f} of floor | {tps:9.0f} tok/s | "
-                  f"{tps / lora_off_tps:5.2f} of LoRA off", flush=True)
+                  f"{tps / lora_off_tps[pdl]:5.2f} of LoRA off", flush=True)
     prefill_table = (prefill_rows(engine, adapters["rank 16 all-linear"], args.prefill_tokens, args.prefill_repeats,
                                   runner.ops.use_kernels and size == 1) if prefill else [])
     mode = "fully sharded" if args.fully_sharded_loras else "default"

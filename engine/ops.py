@@ -38,9 +38,10 @@ class Ops:
         # SMs that a base GEMM beside the LoRA stream leaves free for the LoRA kernels (gemm_beside_lora):
         # None takes tiles.lora_sm_carveout's choice per step size, an int overrides it (bench/engine.py)
         self.lora_sm_carveout: int | None = None
-        # an expand right after its shrink starts while the shrink runs (programmatic dependent launch,
-        # kernels/lora_expand.py), where the device has it; off for comparison (bench/engine.py)
-        self.lora_pdl = True
+        # the Triton kernels after a kernel of the same stream start while it ends, and an expand right after
+        # its shrink while the shrink runs (programmatic dependent launch, kernels/launch.py), where the
+        # device has it; off for comparison (bench/engine.py --pdl)
+        self.pdl = True
         self._lora_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._elementwise = reference  # the element-wise ops: these twins or kernels.elementwise (same API)
         if use_kernels:  # Triton modules are imported only when used (CPU runs stay Triton-free)
@@ -49,6 +50,10 @@ class Ops:
             self._fused = lora_fused.lora_fused
             self._attention, self._meta = paged_attention.attention, lora_meta.LoRAStepMeta
             self._elementwise = elementwise
+
+    def _launch(self) -> dict:
+        """The kernels' launch options (their twins take none)."""
+        return {"pdl": self.pdl} if self.use_kernels else {}
 
     @staticmethod
     def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -65,7 +70,7 @@ class Ops:
                      eps: float, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """residual + (x + delta), then normalise; returns (normed, new residual). The ``delta`` of
         these three ops is the LoRA term of the projection that made their input, or None."""
-        return self._elementwise.fused_add_rms_norm(x, residual, weight, eps, delta)
+        return self._elementwise.fused_add_rms_norm(x, residual, weight, eps, delta, **self._launch())
 
     def rotary_and_write_kv(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_size: int,
                             kv_size: int, num_heads: int, num_kv_heads: int, head_dim: int, k_cache: torch.Tensor,
@@ -73,11 +78,12 @@ class Ops:
                             delta: torch.Tensor | None = None) -> torch.Tensor:
         """Rotary on q and k of qkv + delta, k and v into their cache slots; returns rotated q [T, H, D]."""
         return self._elementwise.rotary_and_write_kv(qkv, cos, sin, q_size, kv_size, num_heads, num_kv_heads,
-                                                     head_dim, k_cache, v_cache, slot_mapping, delta)
+                                                     head_dim, k_cache, v_cache, slot_mapping, delta,
+                                                     **self._launch())
 
     def silu_and_mul(self, gate_up: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
         """silu(gate) * up of gate_up + delta, [T, 2I] = [gate | up] -> [T, I]."""
-        return self._elementwise.silu_and_mul(gate_up, delta)
+        return self._elementwise.silu_and_mul(gate_up, delta, **self._launch())
 
     def lora_stream(self, device: torch.device) -> "torch.cuda.Stream | None":
         """The stream that LoRA kernels run on beside the base model's GEMM (engine/lora_batch.py):
@@ -116,7 +122,8 @@ class Ops:
                   scale: float, sliding_window: int | None) -> torch.Tensor:
         if self.use_kernels:
             return self._attention(q, k_cache, v_cache, attn.block_tables, attn.seq_lens, attn.query_start_loc,
-                                   scale, sliding_window, attn.max_query_len, max_seq_len=attn.max_seq_len)
+                                   scale, sliding_window, attn.max_query_len, max_seq_len=attn.max_seq_len,
+                                   pdl=self.pdl)
         return reference.paged_attention(q, k_cache, v_cache, attn.block_tables, attn.seq_lens,
                                          attn.query_start_loc, scale, sliding_window)
 
@@ -164,6 +171,6 @@ class Ops:
                 group.out_offsets, group.out_sizes)
         if self.use_kernels:
             self._expand(*args, meta=lora.kernel_meta, accumulate=accumulate, zero_after=zero_after,
-                         pdl=after_shrink and self.lora_pdl)
+                         pdl=after_shrink and self.pdl)
         else:
             reference.lora_expand(*args, accumulate=accumulate, zero_after=zero_after)

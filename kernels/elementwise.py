@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.launch import gdc_launch_dependents, gdc_wait, pdl_supported
 from kernels.tiles import SILU_BLOCK_N, cdiv, elementwise_warps, next_pow2
 
 
@@ -35,6 +36,15 @@ def _check_delta(name: str, x: torch.Tensor, delta: torch.Tensor | None) -> tupl
 
 
 @triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """Launched with programmatic dependent launch (kernels/launch.py): let the next kernel start, then
+    wait for the one before to finish before any tensor is read."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+@triton.jit
 def _load_plus(ptr, delta_ptr, offs, mask, HAS_DELTA: tl.constexpr):
     """ptr[offs] (+ delta_ptr[offs], rounded to the dtype) in float32."""
     x = tl.load(ptr + offs, mask=mask, other=0.0)
@@ -46,7 +56,9 @@ def _load_plus(ptr, delta_ptr, offs, mask, HAS_DELTA: tl.constexpr):
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr, delta_ptr,
                          x_stride_t, residual_stride_t, out_stride_t, new_residual_stride_t, delta_stride_t, H, eps,
-                         HAS_RESIDUAL: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_H: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_H: tl.constexpr,
+                         PDL: tl.constexpr):
+    _pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
@@ -64,12 +76,14 @@ def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                       eps: float, delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       eps: float, delta: torch.Tensor | None = None, *,
+                       pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """residual + x, then RMSNorm; returns (normed, new residual), both new tensors.
 
     x: [T, H] rows unit-stride; residual: [T, H] like x, or None (the new residual is then x itself)
     weight: [H], x's dtype; eps: added to the mean square
     delta: [T, H] like x, added to x first, or None
+    pdl: launch with programmatic dependent launch where the device has it (kernels/launch.py)
     """
     _check_rows("fused_add_rms_norm", x=x, **({} if residual is None else {"residual": residual}))
     delta_arg, delta_stride = _check_delta("fused_add_rms_norm", x, delta)
@@ -83,6 +97,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
                          f"{weight.dtype}: need residual like x and weight [H] of x's dtype")
     out = torch.empty_like(x)
     new_residual = x if residual is None else torch.empty_like(x)
+    pdl = pdl and pdl_supported(x.device)
     if num_tokens == 0:
         return out, new_residual
     block_h = next_pow2(hidden)
@@ -91,7 +106,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
         x, residual if has_residual else x, weight, out, new_residual, delta_arg,
         x.stride(0), residual.stride(0) if has_residual else 0, out.stride(0), new_residual.stride(0), delta_stride,
         hidden, eps, HAS_RESIDUAL=has_residual, HAS_DELTA=delta is not None, BLOCK_H=block_h,
-        num_warps=elementwise_warps(block_h),
+        PDL=pdl, num_warps=elementwise_warps(block_h), launch_pdl=pdl,
     )
     return out, new_residual
 
@@ -107,8 +122,9 @@ def _rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_cache_ptr, v
                       qkv_stride_t, cos_stride_t, sin_stride_t, q_stride_t, delta_stride_t,
                       cache_stride_block, cache_stride_offset, cache_stride_head, cache_stride_d,
                       NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                      HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_DELTA: tl.constexpr):
+                      HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
     # program (t, h): head h of token t among the q heads then the k heads, adjacent in qkv
+    _pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, BLOCK_HALF)
@@ -146,7 +162,7 @@ def _rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_cache_ptr, v
 def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_size: int, kv_size: int,
                         num_heads: int, num_kv_heads: int, head_dim: int, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, slot_mapping: torch.Tensor,
-                        delta: torch.Tensor | None = None) -> torch.Tensor:
+                        delta: torch.Tensor | None = None, *, pdl: bool = False) -> torch.Tensor:
     """Rotary (rotate_half) on q and k; rotated k and v into their cache slots; returns rotated q.
     delta: like qkv, added to qkv first, or None.
 
@@ -156,6 +172,7 @@ def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     k_cache, v_cache: [NB, BS, KVH, D] with equal, arbitrary strides (views of the page pool)
     slot_mapping: [T] int, block * BS + offset, all >= 0
     Returns q: [T, num_heads, head_dim] contiguous. All float tensors share one dtype.
+    pdl: launch with programmatic dependent launch where the device has it (kernels/launch.py)
     """
     _check_rows("rotary_and_write_kv", qkv=qkv, cos=cos, sin=sin)
     num_tokens = qkv.shape[0]
@@ -185,14 +202,16 @@ def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         qkv, cos, sin, slot_mapping, q, k_cache, v_cache, delta_arg,
         qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), delta_stride, *k_cache.stride(),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, BLOCK_SIZE=k_cache.shape[1],
-        HALF=half, BLOCK_HALF=block_half, HAS_DELTA=delta is not None, num_warps=elementwise_warps(block_half),
+        HALF=half, BLOCK_HALF=block_half, HAS_DELTA=delta is not None, PDL=pdl and pdl_supported(qkv.device),
+        num_warps=elementwise_warps(block_half), launch_pdl=pdl and pdl_supported(qkv.device),
     )
     return q
 
 
 @triton.jit
 def _silu_and_mul_kernel(gate_up_ptr, out_ptr, delta_ptr, inter_size, gate_up_stride_t, out_stride_t, delta_stride_t,
-                         BLOCK_N: tl.constexpr, HAS_DELTA: tl.constexpr):
+                         BLOCK_N: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
+    _pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < inter_size
@@ -204,12 +223,13 @@ def _silu_and_mul_kernel(gate_up_ptr, out_ptr, delta_ptr, inter_size, gate_up_st
     tl.store(out_ptr + t * out_stride_t + offs, (act.to(tl.float32) * up).to(dtype), mask=mask)
 
 
-def silu_and_mul(gate_up: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, delta: torch.Tensor | None = None, *, pdl: bool = False) -> torch.Tensor:
     """silu(gate) * up of gate_up = [gate | up]: [T, 2I] rows unit-stride -> [T, I] contiguous;
     delta: like gate_up, added to it first, or None.
 
     Rounds twice, like F.silu(gate) * up: silu(gate) to the dtype, then the product (computed
     exactly in float32 for fp16/bf16 inputs, so this rounding equals the twin's multiply).
+    pdl: launch with programmatic dependent launch where the device has it (kernels/launch.py)
     """
     _check_rows("silu_and_mul", gate_up=gate_up)
     num_tokens, width = gate_up.shape
@@ -221,8 +241,9 @@ def silu_and_mul(gate_up: torch.Tensor, delta: torch.Tensor | None = None) -> to
     if num_tokens == 0 or inter == 0:
         return out
     block_n = min(SILU_BLOCK_N, next_pow2(inter))
+    pdl = pdl and pdl_supported(gate_up.device)
     _silu_and_mul_kernel[(num_tokens, cdiv(inter, block_n))](
         gate_up, out, delta_arg, inter, gate_up.stride(0), out.stride(0), delta_stride, BLOCK_N=block_n,
-        HAS_DELTA=delta is not None, num_warps=elementwise_warps(block_n),
+        HAS_DELTA=delta is not None, PDL=pdl, num_warps=elementwise_warps(block_n), launch_pdl=pdl,
     )
     return out

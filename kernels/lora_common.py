@@ -19,11 +19,6 @@ import triton.language as tl
 
 from kernels.lora_meta import LoRAStepMeta
 
-try:  # grid dependency control (programmatic dependent launch, sm_90 on): Triton 3.3 on
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # pragma: no cover - older Triton: pdl_supported() is False, the kernels never call them
-    gdc_launch_dependents = gdc_wait = None
-
 # widest vector (in elements) we promise the compiler; 8 x fp16 = 16 bytes
 MAX_VEC = 8
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -148,15 +143,6 @@ def step_meta(meta: LoRAStepMeta | None, token_slots: torch.Tensor, num_slots: i
         meta = LoRAStepMeta.build(token_slots, num_slots)
     meta.check(token_slots, num_slots)
     return meta
-
-
-@functools.lru_cache(maxsize=None)
-def pdl_supported(device: torch.device) -> bool:
-    """Whether kernels on ``device`` may be launched with programmatic dependent launch: a CUDA device
-    of compute capability 9.0 or more and a Triton with grid dependency control. Not in the interpreter,
-    which has no such instructions (what they change is when a kernel starts, never what it computes)."""
-    return (device.type == "cuda" and gdc_wait is not None
-            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 @functools.lru_cache(maxsize=None)

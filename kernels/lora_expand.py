@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 
 from kernels import tiles
-from kernels.lora_common import (check_lora_args, check_output, check_z, expand_n_loop, gdc_wait, loop_pages,
-                                 pdl_supported, sm_count, step_meta, vec_width)
+from kernels.launch import gdc_wait, pdl_supported
+from kernels.lora_common import (check_lora_args, check_output, check_z, expand_n_loop, loop_pages, sm_count, step_meta,
+                                 vec_width)
 from kernels.lora_meta import LoRAStepMeta
 
 # projections per launch; the launcher splits larger groups
@@ -112,7 +113,7 @@ def lora_expand(z: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     the next lora_shrink into it may skip its memset (z_zeroed)
     pdl: the kernel just before this one in its stream is the lora_shrink that wrote z, and no kernel
     since the tables (meta, page_tables, ranks, b_offsets, scales) and the pool were written has been
-    launched with pdl. Then, on a device that has it (lora_common.pdl_supported), the launch is a
+    launched with pdl. Then, on a device that has it (kernels/launch.py), the launch is a
     programmatic dependent launch: the programs start while the shrink runs (it lets them at its
     start), gather the tables and page ids, and wait for the shrink's end before they read z or y or
     write anything

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from kernels import tiles
-from kernels.lora_common import (check_lora_args, check_z, gdc_launch_dependents, pdl_supported, shrink_k_loop,
-                                 sm_count, step_meta, vec_width)
+from kernels.launch import gdc_launch_dependents, pdl_supported
+from kernels.lora_common import check_lora_args, check_z, shrink_k_loop, sm_count, step_meta, vec_width
 from kernels.lora_meta import LoRAStepMeta
 
 
@@ -97,7 +97,7 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     z_zeroed: the caller promises that z holds zeros wherever this launch writes (the rows of tokens
     with an adapter, ranks below each adapter's), so the memset is skipped: lora_expand(zero_after=z)
     of the layer before leaves it so (engine/lora_batch.py's two z buffers per group)
-    On a device with programmatic dependent launch (lora_common.pdl_supported) the kernel lets the
+    On a device with programmatic dependent launch (kernels/launch.py) the kernel lets the
     next one in its stream start at once: only lora_expand(pdl=True) makes use of that, and it waits
     for this kernel's end before it reads z.
     """

@@ -15,6 +15,7 @@ import triton.language as tl
 from kernels import tiles
 from kernels.attention_args import check_attention_args, check_out
 from kernels.attention_common import LOG2E, load_paged_rows, softmax_rescale
+from kernels.launch import gdc_launch_dependents, gdc_wait, pdl_supported
 from kernels.prefill_attention import prefill_attention
 
 
@@ -29,8 +30,11 @@ def _decode_attention_kernel(
     bt_stride_s, out_stride_t, out_stride_h,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BS: tl.constexpr,
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # launched with programmatic dependent launch (kernels/launch.py): the merge may start; q and the
+        gdc_launch_dependents()  # cache are read only once the kernel before (rotary and the KV write) is done
+        gdc_wait()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -115,7 +119,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                            scale: float, sliding_window: int | None = None, *, max_seq_len: int | None = None,
                            config: tiles.DecodeAttentionTiles | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """Attention of each sequence's one new token over its paged context. Returns [T, H, D].
 
     q: [T, H, D], unit stride along D; sequence s's token is q[query_start_loc[s]] (none if
@@ -128,6 +132,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_seq_len: host bound on seq_lens (sizes the split count; default MB * BS)
     config: tile override (tests, benchmarks); default from kernels.tiles
     out: [T, H, D] like q, unit stride along D, to write into (default: a new tensor)
+    pdl: launch with programmatic dependent launch where the device has it (kernels/launch.py)
     """
     check_attention_args("paged_decode_attention", q, k_cache, v_cache, block_tables, seq_lens,
                          query_start_loc, sliding_window)
@@ -151,6 +156,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_acc = part_m = part_l = out  # unused
     block_d = max(tiles.MIN_DOT, tiles.next_pow2(head_dim))
+    pdl = pdl and pdl_supported(q.device)
     _decode_attention_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_acc, part_m, part_l,
         block_tables, seq_lens, query_start_loc,
@@ -159,8 +165,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0), out.stride(0), out.stride(1),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BS=block_size, NUM_SPLITS=num_splits,
         BLOCK_G=max(tiles.MIN_DOT, tiles.next_pow2(group)), BLOCK_D=block_d, BLOCK_N=config.block_n,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PDL=pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=pdl,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_seqs, num_heads)](
@@ -174,14 +180,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
               seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, sliding_window: int | None,
               max_query_len: int, *, max_seq_len: int | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """Causal paged attention of a step's new tokens: decode kernel when every sequence brings one
     token (max_query_len == 1), else the prefill kernel (which also serves decode rows mixed
     into a prefill step). Shapes as kernels.reference.paged_attention; max_query_len is a host
     int (the step's longest chunk); max_seq_len an optional host bound on seq_lens; out an
-    optional [T, H, D] buffer. Returns [T, H, D]."""
+    optional [T, H, D] buffer; pdl: the decode kernel launched with programmatic dependent launch
+    where the device has it. Returns [T, H, D]."""
     if max_query_len <= 1:
         return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-                                      sliding_window, max_seq_len=max_seq_len, out=out)
+                                      sliding_window, max_seq_len=max_seq_len, out=out, pdl=pdl)
     return prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                              sliding_window, max_query_len=max_query_len, out=out)

@@ -24,7 +24,7 @@
 #                                # --lora-only, then fp16 fidelity and the CUDA LoRA tests
 #   tools/gpu_bench.sh pdl       # the LoRA kernel tests (fp16, with the pair launched as the engine does) and the
 #                                # LoRA stream's, bench/kernels.py --lora-only (with and without PDL); then, with
-#                                # ENGINE=1, bench/engine.py at BATCHES (default 1,64) --lora-pdl on,off
+#                                # ENGINE=1, bench/engine.py at BATCHES (default 1,64) --pdl on,off
 #   tools/gpu_bench.sh trace     # the LoRA kernel tests on CUDA, tools/trace_step.py (kernel and stream timelines of
 #                                # decode graphs and prefill steps), bench/engine.py at BATCHES (default 64) with prefill
 #
@@ -141,7 +141,7 @@ case "${1:-}" in
                 tests/unit/test_lora_deferred.py -k "not bfloat16 and not real_shapes" -p no:cacheprovider -rs
             step 200 kernels python bench/kernels.py --lora-only --json "$OUT/bench_kernels_h200.json"
         else
-            step 420 engine python bench/engine.py --batches "${BATCHES:-1,64}" --lora-pdl on,off \
+            step 420 engine python bench/engine.py --batches "${BATCHES:-1,64}" --pdl on,off \
                 --json "$OUT/bench_engine_h200.json"
         fi
         ;;

@@ -2,10 +2,10 @@
 LLVM and ptxas), and read what its binary holds: registers and spills (cuobjdump), shared memory, PTX.
 
 Used by tools/fused_lora_resources.py (the fused kernel's resource table) and by
-tests/unit/test_sm90_binaries.py, which compiles the split LoRA kernels as the H200 runs them: the
+tests/unit/test_sm90_binaries.py, which compiles decode kernels as the H200 runs them: the
 interpreter that runs them in CI never compiles them, so it cannot catch what only the compiler rejects.
 
-    python tools/sm90_binary.py   # the split pair's decode binaries: registers, shared memory, PTX facts as JSON
+    python tools/sm90_binary.py [fp16|bf16|fp32]   # decode binaries: registers, shared memory, PTX facts as JSON
 """
 from __future__ import annotations
 
@@ -28,13 +28,17 @@ from kernels.lora_common import vec_width  # noqa: E402
 # the LoRA kernels' integer tables; other pointers take the pool's dtype
 POINTERS = {"sorted_ids_ptr": "*i32", "tile_starts_ptr": "*i32", "tile_lens_ptr": "*i32", "tile_slots_ptr": "*i32",
             "num_lora_tiles_ptr": "*i32", "page_tables_ptr": "*i32", "ranks_ptr": "*i32", "a_offsets_ptr": "*i64",
-            "b_offsets_ptr": "*i64", "scales_ptr": "*fp32", "z_ptr": "*fp32", "z_next_ptr": "*fp32"}
+            "b_offsets_ptr": "*i64", "scales_ptr": "*fp32", "z_ptr": "*fp32", "z_next_ptr": "*fp32",
+            "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "seq_lens_ptr": "*i32",
+            "query_start_loc_ptr": "*i32", "block_tables_ptr": "*i32"}
+# float scalars; other scalars are i32
+FLOATS = ("eps", "qk_scale")
 
 
 def compile_sm90(fn, constexprs: dict, dtype: str, divisible: tuple = (), num_warps: int = 4, num_stages: int = 3,
                  launch_pdl: bool = False):
-    """fn's sm_90 binary for these constexprs: pointers 16-byte aligned, ints i32 (those named in
-    ``divisible`` multiples of 16, as Triton specializes them at run time)."""
+    """fn's sm_90 binary for these constexprs: pointers 16-byte aligned, scalars i32 (FLOATS fp32; those
+    named in ``divisible`` multiples of 16, as Triton specializes them at run time)."""
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -43,7 +47,7 @@ def compile_sm90(fn, constexprs: dict, dtype: str, divisible: tuple = (), num_wa
             signature[name] = POINTERS.get(name, f"*{dtype}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            signature[name] = "i32"
+            signature[name] = "fp32" if name in FLOATS else "i32"
             if name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 64),
@@ -75,11 +79,15 @@ K, NS, NPROJ, PAGE = 4096, (11008, 11008), 2, 2 * 16 * 32 * 128
 DIVISIBLE = ("K", "N0", "N1", "OFF1", "layer_offset", "page_stride", "x_stride_t", "y_stride_t", "cols_per_program")
 
 
-def split_pair_binaries(dtype: str = "fp16") -> dict:
+def decode_binaries(dtype: str = "fp16") -> dict:
     """The decode binaries of lora_shrink and lora_expand (BLOCK_M 16, rank class 16, the expand storing
-    the deferred delta into the other z's zeros, launched with programmatic dependent launch)."""
+    the deferred delta into the other z's zeros), of the residual add + RMSNorm and of decode attention
+    (Llama-7B: hidden 4,096; 32 heads of 128, 32 KV heads, 16-token blocks), launched with programmatic
+    dependent launch."""
+    from kernels.elementwise import _add_rms_norm_kernel
     from kernels.lora_expand import _lora_expand_kernel
     from kernels.lora_shrink import _lora_shrink_kernel
+    from kernels.paged_attention import _decode_attention_kernel
     precision = "ieee" if dtype == "fp32" else "tf32"
     shrink_cfg = tiles.shrink_tiles(64, K, 16, NPROJ, PAGE, 16, 132)
     shrink = compile_sm90(_lora_shrink_kernel, dict(
@@ -92,10 +100,17 @@ def split_pair_binaries(dtype: str = "fp16") -> dict:
         BLOCK_R=tiles.expand_block_r(16), ROW_IN_TWO_PAGES=max(NS) <= PAGE, DOT_PRECISION=precision,
         ACCUMULATE=False, ZERO_NEXT=True, WAIT_PRIOR=True),
         dtype, DIVISIBLE, expand_cfg.num_warps, expand_cfg.num_stages, launch_pdl=True)
+    norm = compile_sm90(_add_rms_norm_kernel, dict(HAS_RESIDUAL=True, HAS_DELTA=True, BLOCK_H=4096, PDL=True),
+                        dtype, num_warps=tiles.elementwise_warps(4096), num_stages=1, launch_pdl=True)
+    attention_cfg = tiles.decode_attention_tiles(64, 32, 256, 128, 132)
+    attention = compile_sm90(_decode_attention_kernel, dict(
+        NUM_HEADS=32, GROUP=1, HEAD_DIM=128, BS=16, NUM_SPLITS=attention_cfg.num_splits, BLOCK_G=tiles.MIN_DOT,
+        BLOCK_D=128, BLOCK_N=attention_cfg.block_n, DOT_PRECISION=precision, PDL=True),
+        dtype, num_warps=attention_cfg.num_warps, num_stages=attention_cfg.num_stages, launch_pdl=True)
     return {name: {"registers": registers(k), "shared": k.metadata.shared, "launch_pdl": k.metadata.launch_pdl,
                    **ptx_order(k.asm["ptx"])}
-            for name, k in (("shrink", shrink), ("expand", expand))}
+            for name, k in (("shrink", shrink), ("expand", expand), ("add_rms_norm", norm), ("attention", attention))}
 
 
 if __name__ == "__main__":
-    print(json.dumps(split_pair_binaries(sys.argv[1] if len(sys.argv) > 1 else "fp16")))
+    print(json.dumps(decode_binaries(sys.argv[1] if len(sys.argv) > 1 else "fp16")))
