@@ -29,8 +29,6 @@ def _lora_shrink_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ROW_IN_TWO_PAGES: tl.constexpr, DOT_PRECISION: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr,
 ):
-    if LAUNCH_DEPENDENTS:  # an expand launched after it with pdl may start now; it waits for this
-        gdc_launch_dependents()  # kernel's end before it reads z
     pid_tile = tl.program_id(0)
     pid_r = tl.program_id(1) // split_k
     pid_k = tl.program_id(1) % split_k
@@ -68,6 +66,8 @@ def _lora_shrink_kernel(
                             row_start, row_mask, page_stride, layer_offset, K, k_lo, k_hi,
                             PAGE, 1, BLOCK_K, ROW_IN_TWO_PAGES, DOT_PRECISION)
 
+    if LAUNCH_DEPENDENTS:  # its loads issued: an expand launched after it with pdl may start, gather its tables
+        gdc_launch_dependents()  # and page ids, and wait for this kernel's end before it reads z
     z_ptrs = z_ptr + tok[:, None] * z_stride_t + proj * z_stride_p + offs_r[None, :]
     z_mask = m_mask[:, None] & (offs_r[None, :] < R_MAX)
     if split_k > 1:
@@ -98,7 +98,7 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     with an adapter, ranks below each adapter's), so the memset is skipped: lora_expand(zero_after=z)
     of the layer before leaves it so (engine/lora_batch.py's two z buffers per group)
     On a device with programmatic dependent launch (kernels/launch.py) the kernel lets the
-    next one in its stream start at once: only lora_expand(pdl=True) makes use of that, and it waits
+    next one in its stream start once each program has done its loads: only lora_expand(pdl=True) makes use of that, and it waits
     for this kernel's end before it reads z.
     """
     if x.dim() != 2 or x.stride(1) != 1:

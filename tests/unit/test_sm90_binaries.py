@@ -3,7 +3,7 @@ GPU): the interpreter that runs them in CI never compiles them, so what only the
 type that differs between two branches, a register spill) would reach the GPU machine first.
 
 Each is also checked for its programmatic dependent launch (kernels/launch.py): the shrink lets the next
-kernel start before it reads anything; the expand, launched with the attribute, gathers its tables before
+kernel start after its loop, before it writes z; the expand, launched with the attribute, gathers its tables before
 its one wait and writes nothing before it (z and y are the shrink's and the step's); the RMSNorm and
 decode attention wait before they read or write any tensor."""
 import json
@@ -30,7 +30,8 @@ def test_decode_binaries(dtype):
         assert b["loads"] and b["stores"], name
     shrink, expand = binaries["shrink"], binaries["expand"]
     assert not shrink["launch_pdl"] and not shrink["wait"]
-    assert len(shrink["launch_dependents"]) == 1 and shrink["launch_dependents"][0] < min(shrink["loads"])
+    assert len(shrink["launch_dependents"]) == 1
+    assert min(shrink["loads"]) < shrink["launch_dependents"][0] < min(shrink["stores"])  # after the loop, before z
     assert expand["launch_pdl"] and not expand["launch_dependents"]
     assert len(expand["wait"]) == 1
     wait = expand["wait"][0]
