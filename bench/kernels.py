@@ -7,10 +7,10 @@ Times are medians of CUDA-graph replays; each graph runs the op over several inp
 and written; z written and read by the split LoRA pair, not by the fused kernel); frac = bytes /
 time / the device-to-device copy bandwidth measured in the same run (bench/bandwidth.py).
 Each LoRA case is timed as the split pair (lora_shrink + lora_expand, the z buffer in memory, as the
-engine runs them: two z buffers in turn, no memset, the expand launched while the shrink runs
+engine runs them: two z buffers in turn, no memset, the expand launched while the shrink ends
 (programmatic dependent launch, where the device has it); "memset_pair_us" in the JSON is the pair with
-the shrink's memset and "no_pdl_pair_us" the pair with the expand launched after the shrink's end) and as lora_fused (one launch, z on chip); the fused row's "x split" is the
-pair's time over its own.
+the shrink's memset and "no_pdl_pair_us" the pair with the expand launched after the shrink's end) and
+as lora_fused (one launch, z on chip); the fused row's "x split" is the pair's time over its own.
 The torch reference is a fair vectorized implementation: decode LoRA gathers each token's
 adapter and uses bmm, prefill LoRA runs one matmul pair per segment, decode attention gathers
 the pages and calls scaled_dot_product_attention; prefill attention is also compared with
@@ -583,7 +583,8 @@ def main() -> None:
           "| vLLM us | target | met | rel err |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |")
     for r in result["rows"]:
-        print(f"| {r['case']} | {r['us']:.1f} | {fmt(r.get('no_pdl_pair_us'), '.1f')} | {fmt(r.get('mb'), '.1f')} | {fmt(r.get('gbps'), '.0f')} | "
+        print(f"| {r['case']} | {r['us']:.1f} | {fmt(r.get('no_pdl_pair_us'), '.1f')} | "
+              f"{fmt(r.get('mb'), '.1f')} | {fmt(r.get('gbps'), '.0f')} | "
               f"{fmt(r.get('frac_all'), '.2f')} | {fmt(r.get('frac_target'), '.2f')} | {fmt(r.get('ref_us'), '.1f')} | "
               f"{fmt(r.get('speedup'), '.1f')} | {fmt(r.get('vs_split'), '.2f')} | {fmt(r.get('vllm_us'), '.1f')} | "
               f"{r.get('target', '-')} | {r.get('met', '-')} | {fmt(r.get('rel_err'), '.1e')} |")

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import gdc_launch_dependents, gdc_wait, pdl_supported
+from kernels.launch import pdl_start, pdl_supported
 from kernels.tiles import SILU_BLOCK_N, cdiv, elementwise_warps, next_pow2
 
 
@@ -36,15 +36,6 @@ def _check_delta(name: str, x: torch.Tensor, delta: torch.Tensor | None) -> tupl
 
 
 @triton.jit
-def _pdl_start(PDL: tl.constexpr):
-    """Launched with programmatic dependent launch (kernels/launch.py): let the next kernel start, then
-    wait for the one before to finish before any tensor is read."""
-    if PDL:
-        gdc_launch_dependents()
-        gdc_wait()
-
-
-@triton.jit
 def _load_plus(ptr, delta_ptr, offs, mask, HAS_DELTA: tl.constexpr):
     """ptr[offs] (+ delta_ptr[offs], rounded to the dtype) in float32."""
     x = tl.load(ptr + offs, mask=mask, other=0.0)
@@ -58,7 +49,7 @@ def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_
                          x_stride_t, residual_stride_t, out_stride_t, new_residual_stride_t, delta_stride_t, H, eps,
                          HAS_RESIDUAL: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_H: tl.constexpr,
                          PDL: tl.constexpr):
-    _pdl_start(PDL)
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
@@ -124,7 +115,7 @@ def _rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, slot_ptr, q_ptr, k_cache_ptr, v
                       NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                       HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
     # program (t, h): head h of token t among the q heads then the k heads, adjacent in qkv
-    _pdl_start(PDL)
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs = tl.arange(0, BLOCK_HALF)
@@ -198,12 +189,13 @@ def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         return q
     half = head_dim // 2
     block_half = next_pow2(half)
+    pdl = pdl and pdl_supported(qkv.device)
     _rotary_kv_kernel[(num_tokens, num_heads + num_kv_heads)](
         qkv, cos, sin, slot_mapping, q, k_cache, v_cache, delta_arg,
         qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), delta_stride, *k_cache.stride(),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, BLOCK_SIZE=k_cache.shape[1],
-        HALF=half, BLOCK_HALF=block_half, HAS_DELTA=delta is not None, PDL=pdl and pdl_supported(qkv.device),
-        num_warps=elementwise_warps(block_half), launch_pdl=pdl and pdl_supported(qkv.device),
+        HALF=half, BLOCK_HALF=block_half, HAS_DELTA=delta is not None, PDL=pdl,
+        num_warps=elementwise_warps(block_half), launch_pdl=pdl,
     )
     return q
 
@@ -211,7 +203,7 @@ def rotary_and_write_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 @triton.jit
 def _silu_and_mul_kernel(gate_up_ptr, out_ptr, delta_ptr, inter_size, gate_up_stride_t, out_stride_t, delta_stride_t,
                          BLOCK_N: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
-    _pdl_start(PDL)
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < inter_size

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 
 try:  # grid dependency control: Triton 3.3 on
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -26,3 +28,12 @@ def pdl_supported(device: torch.device) -> bool:
     of compute capability 9.0 or more and a Triton with grid dependency control."""
     return (device.type == "cuda" and gdc_wait is not None
             and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+@triton.jit
+def pdl_start(PDL: tl.constexpr):
+    """The start of a kernel launched with PDL that touches no tensor before its wait: let the next kernel
+    start, then wait for the one before to finish."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()

@@ -97,9 +97,9 @@ def lora_shrink(x: torch.Tensor, pool: torch.Tensor, layer: int, token_slots: to
     z_zeroed: the caller promises that z holds zeros wherever this launch writes (the rows of tokens
     with an adapter, ranks below each adapter's), so the memset is skipped: lora_expand(zero_after=z)
     of the layer before leaves it so (engine/lora_batch.py's two z buffers per group)
-    On a device with programmatic dependent launch (kernels/launch.py) the kernel lets the
-    next one in its stream start once each program has done its loads: only lora_expand(pdl=True) makes use of that, and it waits
-    for this kernel's end before it reads z.
+    On a device with programmatic dependent launch (kernels/launch.py) the kernel lets the next one
+    in its stream start once each program has done its loads: only lora_expand(pdl=True) makes use
+    of that, and it waits for this kernel's end before it reads z.
     """
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"lora_shrink: x must be [T, K] with unit stride along K, got shape "

@@ -15,7 +15,7 @@ import triton.language as tl
 from kernels import tiles
 from kernels.attention_args import check_attention_args, check_out
 from kernels.attention_common import LOG2E, load_paged_rows, softmax_rescale
-from kernels.launch import gdc_launch_dependents, gdc_wait, pdl_supported
+from kernels.launch import pdl_start, pdl_supported
 from kernels.prefill_attention import prefill_attention
 
 
@@ -32,9 +32,7 @@ def _decode_attention_kernel(
     NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
-    if PDL:  # launched with programmatic dependent launch (kernels/launch.py): the merge may start; q and the
-        gdc_launch_dependents()  # cache are read only once the kernel before (rotary and the KV write) is done
-        gdc_wait()
+    pdl_start(PDL)  # q and the cache are read only once the kernel before (rotary and the KV write) is done
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)

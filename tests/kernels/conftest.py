@@ -9,7 +9,8 @@ import sys
 import torch
 
 KERNEL_MODULES = ("kernels.lora_shrink", "kernels.lora_expand", "kernels.lora_fused", "kernels.paged_attention",
-                  "kernels.prefill_attention", "kernels.lora_common", "kernels.attention_common", "kernels.elementwise")
+                  "kernels.prefill_attention", "kernels.lora_common", "kernels.attention_common", "kernels.elementwise",
+                  "kernels.launch")
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     early = [m for m in KERNEL_MODULES if m in sys.modules]
